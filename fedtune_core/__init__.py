@@ -1,0 +1,1 @@
+"""fedtune: federated fine-tuning of pre-trained Transformers."""

@@ -1,0 +1,150 @@
+"""The ``fedtune`` command: run one configuration, count parameters, run a profile's grid.
+
+Bad input exits with code 2 and one line on stderr naming the bad value and the valid
+choices; nothing is written. A run that fails for another reason is recorded as failed
+and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from fedtune_core.errors import ConfigError
+
+RUN_FIELDS = ("model", "weights", "method", "dataset", "partition", "clients", "sample",
+              "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
+              "local_test_fraction", "mode", "eval_every", "seed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedtune: error: {message}\n")
+
+
+def _method_flags() -> dict[str, tuple[str, str, dataclasses.Field]]:
+    """``--<method>-<option>`` for every option of every registered method."""
+    from fedtune_core import tuning
+
+    flags = {}
+    for name, method in tuning.METHODS.items():
+        for f in dataclasses.fields(method.config):
+            flags[f"{name}_{f.name}"] = (name, f.name, f)
+    return flags
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from fedtune_core.config import RunConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    types = {"clients": int, "sample": int, "rounds": int, "local_epochs": int, "batch_size": int,
+             "eval_every": int, "seed": int, "lr": float, "weight_decay": float,
+             "local_test_fraction": float}
+    for name in RUN_FIELDS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str),
+                       default=defaults[name], help=f"default: {defaults[name]}")
+    group = p.add_argument_group("method options (only for the method they name)")
+    for dest, (method, option, f) in _method_flags().items():
+        group.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=type(f.default),
+                           default=None, help=f"{method}: {option} (default {f.default})")
+
+
+def _config_from(args: argparse.Namespace):
+    from fedtune_core.config import RunConfig
+
+    options = {}
+    for dest, (method, option, _) in _method_flags().items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if method != args.method:
+            raise ConfigError(f"option --{dest.replace('_', '-')} is for tuning method "
+                              f"{method!r}, not {args.method!r}")
+        options[option] = value
+    return RunConfig(**{k: getattr(args, k) for k in RUN_FIELDS}, method_options=options)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtune_core import models, results
+
+    cfg = _config_from(args)
+    models.resolve_weights(cfg.model, cfg.weights)
+    record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
+                         progress=not args.quiet, force=args.force)
+    print(results.record_path(args.results, cfg))
+    if record["status"] != "ok":
+        print(f"fedtune: run failed: {record['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from fedtune_core import models, tuning
+
+    if args.classes < 1:
+        raise ConfigError(f"--classes must be at least 1, got {args.classes}")
+    from fedtune_core.config import check_choice
+
+    check_choice("model", args.model, models.BACKBONES)
+    rows = []
+    for method in tuning.METHODS:
+        model = models.build(args.model, [str(c) for c in range(args.classes)], "none",
+                             text_head=False)
+        tuning.prepare(model, method)
+        trainable, total = tuning.count_parameters(model)
+        head = sum(p.numel() for p in model.head.parameters())
+        rows.append({"method": method, "trainable": trainable, "trainable_without_head":
+                     trainable - head, "total": total, "percent": 100.0 * trainable / total})
+    if args.json:
+        print(json.dumps({"model": args.model, "classes": args.classes, "methods": rows}, indent=1))
+        return 0
+    print(f"{args.model}, {args.classes} classes")
+    print(f"{'method':<10}{'trainable':>14}{'without head':>14}{'total':>14}{'%':>9}")
+    for r in rows:
+        print(f"{r['method']:<10}{r['trainable']:>14,}{r['trainable_without_head']:>14,}"
+              f"{r['total']:>14,}{r['percent']:>9.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run one configuration and print its record's path")
+    _add_run_args(run)
+    run.add_argument("--results", default="results/adhoc", help="results folder (records in runs/)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    run.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")
+    run.add_argument("--force", action="store_true", help="run again even if a record exists")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    params = sub.add_parser("params", help="trainable / total parameters of every method")
+    params.add_argument("--model", required=True)
+    params.add_argument("--classes", type=int, required=True)
+    params.add_argument("--json", action="store_true", help="machine-readable output")
+    params.set_defaults(func=cmd_params)
+
+    from fedtune_core import grid
+
+    grid.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Typed, frozen run configuration; validation; a run's identity (a stable hash).
+
+A :class:`RunConfig` is data: every knob of one run. Validation happens on construction,
+so a notebook, the CLI and the grid all fail the same way on bad input (a
+:class:`~fedtune_core.errors.ConfigError` naming the bad value and the valid choices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from fedtune_core.errors import ConfigError
+
+MODES = ("fl", "local", "central")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def _choices(valid) -> str:
+    return ", ".join(str(v) for v in valid)
+
+
+def check_choice(what: str, value: Any, valid) -> None:
+    """Raise ConfigError unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid choices: {_choices(valid)}")
+
+
+def check_range(what: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """Raise ConfigError unless ``low <(=) value <= high``."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ConfigError(f"{what} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run. Its hash is the run's identity in the cache.
+
+    Where and how fast it runs (device, data directory, progress bars) is not part of
+    the config: the same config gives the same experiment on any machine.
+    """
+
+    model: str = "vit-tiny"  # backbone name, see models.BACKBONES
+    weights: str = "auto"  # auto (the backbone's hub tag), none, a hub tag or a checkpoint file
+    method: str = "bias"  # tuning method, see tuning.METHODS
+    method_options: Mapping[str, Any] = field(default_factory=dict)  # the method's own knobs
+    dataset: str = "digits"  # digits, cifar10, cifar100, imagefolder:PATH, synthetic
+    partition: str = "dirichlet:0.5"  # iid, dirichlet:ALPHA, shards:K, fewshot:K
+    clients: int = 10  # N clients in the federation
+    sample: int = 5  # K clients sampled per round
+    rounds: int = 10  # communication rounds (local/central: the same schedule, no exchange)
+    local_epochs: int = 1  # E local epochs per round
+    batch_size: int = 32  # local mini-batch size
+    optimizer: str = "sgd"  # sgd (momentum 0.9) or adamw; fresh each round, as in FedAvg
+    lr: float | None = None  # learning rate; None takes the method's default for the optimizer
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd
+    local_test_fraction: float = 0.2  # share of each client's data kept as its own test split
+    mode: str = "fl"  # fl (FedAvg), local (each client alone), central (all data pooled)
+    eval_every: int = 1  # evaluate on the global test set every this many rounds (and the last)
+    seed: int = 0  # the one seed for partition, init, client sampling and data order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError on the first bad one."""
+        from fedtune_core import data, models, partition, tuning
+
+        check_choice("model", self.model, models.BACKBONES)
+        models.check_weights(self.model, self.weights)
+        check_choice("tuning method", self.method, tuning.METHODS)
+        tuning.method_config(self.method, self.method_options)
+        data.check_dataset(self.dataset)
+        partition.parse(self.partition)
+        check_choice("mode", self.mode, MODES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("clients", "sample", "rounds", "local_epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            check_range(name, value, 1)
+        if self.sample > self.clients:
+            raise ConfigError(f"sample must be at most clients ({self.clients}), got {self.sample}")
+        if self.lr is not None:
+            check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("local_test_fraction", self.local_test_fraction, 0, 0.9)
+
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate this run uses (explicit, or the method's default)."""
+        from fedtune_core import tuning
+
+        return self.lr if self.lr is not None else tuning.default_lr(self.method, self.optimizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict of the config, method options resolved to full values."""
+        from fedtune_core import tuning
+
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["method_options"] = dataclasses.asdict(
+            tuning.method_config(self.method, self.method_options))
+        out["lr"] = self.resolved_lr
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build a config from a dict (e.g. a record's), refusing unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; "
+                              f"valid fields: {_choices(sorted(known))}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def hash(self) -> str:
+        """Stable identity: sha256 of the canonical JSON of :meth:`to_dict`, 16 hex digits.
+
+        Defaults are resolved first, so ``lr=None`` and the explicit default lr are the
+        same run, as are omitted and explicit default method options.
+        """
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,183 @@
+"""Datasets held in memory as uint8 tensors, and the model's preprocessing as a batch op.
+
+Images stay ``uint8 (N, 3, H, W)`` on the device; each batch is resized to the model's
+input size and normalised with its mean/std there (:class:`Preprocess`). No per-image
+PIL pipeline runs in the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune_core.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLIT_SEED = 0  # the train/test split of datasets without one is fixed, whatever the run seed
+
+
+@dataclass
+class Split:
+    """Images (uint8, N x 3 x H x W) and labels (int64, N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    """A training pool (split among clients), a held-out global test set, class names."""
+
+    name: str
+    train: Split
+    test: Split
+    class_names: list[str]
+
+
+def check_dataset(name: str) -> None:
+    """Raise ConfigError unless ``name`` is a known dataset (no loading)."""
+    if name.startswith("imagefolder:"):
+        path = name.split(":", 1)[1]
+        if not Path(path).is_dir():
+            raise ConfigError(f"imagefolder path {path!r} is not a directory; give imagefolder:"
+                              "PATH with one sub-folder per class (or train/ and test/)")
+        return
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where downloadable datasets live: explicit, else $FEDTUNE_DATA_DIR, else ./data."""
+    return Path(explicit or os.environ.get("FEDTUNE_DATA_DIR") or "data")
+
+
+def load(name: str, root: str | os.PathLike | None = None, image_size: int = 224) -> Dataset:
+    """Load dataset ``name`` into memory.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: folder for downloaded datasets (see :func:`data_dir`).
+        image_size: imagefolder only: images are resized and centre-cropped to this size.
+    """
+    check_dataset(name)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(name.split(":", 1)[1], image_size)
+    return _LOADERS[name](data_dir(root))
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(torch.as_tensor(images, dtype=torch.uint8).contiguous(),
+                 torch.as_tensor(labels, dtype=torch.long))
+
+
+def _holdout(labels: np.ndarray, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test indices with the fixed split seed."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    train, test = train_test_split(idx, test_size=fraction, stratify=labels,
+                                   random_state=SPLIT_SEED)
+    return np.sort(train), np.sort(test)
+
+
+def _digits(root: Path) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)  # 8x8, 0..16
+    images = np.repeat(images[:, None], 3, axis=1)
+    labels = bunch.target.astype(np.int64)
+    train, test = _holdout(labels)
+    return Dataset("digits", _to_split(images[train], labels[train]),
+                   _to_split(images[test], labels[test]), list(DIGIT_NAMES))
+
+
+def _cifar(name: str, root: Path) -> Dataset:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        parts = [cls(str(root), train=t, download=True) for t in (True, False)]
+    except Exception as err:  # offline: torchvision cannot fetch the archive
+        raise ConfigError(
+            f"could not load {name} from {str(root)!r} ({type(err).__name__}); on a machine "
+            f"without internet put torchvision's extracted {name} folder there, or point "
+            "--data-dir / $FEDTUNE_DATA_DIR at it") from err
+    train, test = (_to_split(p.data.transpose(0, 3, 1, 2), np.asarray(p.targets)) for p in parts)
+    return Dataset(name, train, test, list(parts[0].classes))
+
+
+def _synthetic(root: Path, classes: int = 10, train: int = 2000, test: int = 500) -> Dataset:
+    """Random 32x32 images whose colour depends on the class: for speed tests, not results."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    labels = rng.integers(0, classes, train + test)
+    colours = rng.integers(0, 256, (classes, 3, 1, 1))
+    noise = rng.integers(-64, 64, (train + test, 3, 32, 32))
+    images = np.clip(colours[labels] + noise, 0, 255).astype(np.uint8)
+    names = [f"class {c}" for c in range(classes)]
+    return Dataset("synthetic", _to_split(images[:train], labels[:train]),
+                   _to_split(images[train:], labels[train:]), names)
+
+
+def _imagefolder(path: str, image_size: int) -> Dataset:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                             transforms.PILToTensor()])
+    root = Path(path)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        parts = [datasets.ImageFolder(str(root / s), transform=tf) for s in ("train", "test")]
+        tensors = [_stack(p) for p in parts]
+        if parts[0].classes != parts[1].classes:
+            raise ConfigError(f"imagefolder {path!r}: train/ and test/ hold different classes")
+        return Dataset(f"imagefolder:{path}", *tensors, list(parts[0].classes))
+    folder = datasets.ImageFolder(str(root), transform=tf)
+    whole = _stack(folder)
+    train, test = _holdout(whole.labels.numpy())
+    return Dataset(f"imagefolder:{path}", whole.subset(train), whole.subset(test),
+                   list(folder.classes))
+
+
+def _stack(folder) -> Split:
+    images = torch.stack([img.expand(3, -1, -1) for img, _ in folder])
+    return Split(images, torch.as_tensor(folder.targets, dtype=torch.long))
+
+
+_LOADERS = {
+    "digits": _digits,
+    "cifar10": lambda root: _cifar("cifar10", root),
+    "cifar100": lambda root: _cifar("cifar100", root),
+    "synthetic": _synthetic,
+}
+
+
+class Preprocess(nn.Module):
+    """uint8 batch -> float, resized to the model's input size, normalised by its mean/std."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.size)
+        return (x - self.mean) / self.std

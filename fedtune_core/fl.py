@@ -1,0 +1,290 @@
+"""FedAvg, the local-only and centralised baselines, and the one training loop they share.
+
+The backbone is built once per run and shared by every client. What travels is the
+trainable state only, ``{name: tensor}``; a client loads it into the shared model, trains,
+and hands back its new state and sample count; the server averages (:func:`fedavg`).
+Bytes are measured from the tensors that travel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedtune_core import data, models, partition, tuning
+from fedtune_core.config import RunConfig
+
+State = dict[str, torch.Tensor]
+
+
+def fedavg(updates: Iterable[tuple[State, int]]) -> State:
+    """Average client states weighted by their sample counts.
+
+    Consumes ``updates`` one at a time, so a generator of client updates needs memory for
+    one running sum and one client state, not one state per client.
+
+    Raises:
+        ValueError: no updates, a non-positive count, or states with different names.
+    """
+    total, acc = 0, None
+    for state, n in updates:
+        if n <= 0:
+            raise ValueError(f"a client update must have a positive sample count, got {n}")
+        if acc is None:
+            acc = {k: v.detach().float() * n for k, v in state.items()}
+            dtypes = {k: v.dtype for k, v in state.items()}
+        elif state.keys() != acc.keys():
+            raise ValueError("client states hold different parameter names")
+        else:
+            for k, v in state.items():
+                acc[k] += v.detach().float() * n
+        total += n
+    if acc is None:
+        raise ValueError("fedavg needs at least one client update")
+    return {k: (v / total).to(dtypes[k]) for k, v in acc.items()}
+
+
+def state_bytes(state: State) -> int:
+    """Bytes a state takes on the wire: sum of numel x element size."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``auto``/None: CUDA if available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Client:
+    """One client's own data: its local train and test splits (on the device)."""
+
+    train: data.Split
+    test: data.Split
+
+
+class Trainer:
+    """The shared model, what trains in it, and the loop every mode uses."""
+
+    def __init__(self, model: models.Classifier, names: list[str], cfg: RunConfig,
+                 device: torch.device):
+        self.model = model.to(device)
+        self.params = {n: p for n, p in model.named_parameters() if n in set(names)}
+        self.pre = data.Preprocess(model.input_size, model.mean, model.std).to(device)
+        self.cfg = cfg
+        self.device = device
+        self.amp = device.type == "cuda"
+
+    def state(self) -> State:
+        """A copy of the trainable tensors: what a client sends."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load(self, state: State) -> None:
+        """Write a received state into the shared model."""
+        for n, p in self.params.items():
+            p.copy_(state[n])
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params, cfg = list(self.params.values()), self.cfg
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.resolved_lr, momentum=0.9,
+                               weight_decay=cfg.weight_decay)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model(self.pre(images)).float()
+
+    def fit(self, split: data.Split, epochs: int, seed: Iterable[int]) -> float:
+        """Train on ``split`` for ``epochs`` with a fresh optimizer; return the mean loss.
+
+        ``seed`` (e.g. run seed, round, client) fixes the data order.
+        """
+        rng = np.random.default_rng(list(seed))
+        opt, bs = self._optimizer(), self.cfg.batch_size
+        self.model.train()
+        losses = []
+        for _ in range(epochs):
+            order = torch.as_tensor(rng.permutation(len(split)), device=self.device)
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                loss = F.cross_entropy(self._logits(split.images[idx]), split.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        return torch.stack(losses).mean().item()
+
+    @torch.inference_mode()
+    def evaluate(self, split: data.Split, batch: int = 512) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) on ``split``."""
+        self.model.eval()
+        correct, loss = 0, 0.0
+        for start in range(0, len(split), batch):
+            logits = self._logits(split.images[start:start + batch])
+            labels = split.labels[start:start + batch]
+            correct += (logits.argmax(1) == labels).sum().item()
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        return correct / len(split), loss / len(split)
+
+    def per_client(self, clients: list[Client], which: str) -> np.ndarray:
+        """Accuracy of the current model on each client's own ``train`` or ``test`` split."""
+        return np.array([self.evaluate(getattr(c, which))[0] for c in clients])
+
+
+def _eval_round(cfg: RunConfig, r: int) -> bool:
+    return r % cfg.eval_every == 0 or r == cfg.rounds
+
+
+def _row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, down: int,
+         seconds: float, **extra: Any) -> dict[str, Any]:
+    acc, loss = test if test else (None, None)
+    return {"round": r, "test_acc": acc, "test_loss": loss, "train_loss": train_loss,
+            "bytes_up": up, "bytes_down": down, "seconds": seconds, **extra}
+
+
+def _client_updates(cfg: RunConfig, trainer: Trainer, state: State, chosen: list[Client],
+                    ids: np.ndarray, r: int, log: dict[str, list]) -> Iterator[tuple[State, int]]:
+    """Each chosen client in turn: receive ``state``, train, send its state and sample count."""
+    for client, c in zip(chosen, ids, strict=True):
+        trainer.load(state)
+        log["loss"].append(trainer.fit(client.train, cfg.local_epochs, (cfg.seed, r, int(c))))
+        update = trainer.state()
+        log["bytes"].append(state_bytes(update))
+        yield update, len(client.train)
+
+
+def run_fl(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
+           progress: bool) -> tuple[list[dict], dict]:
+    """FedAvg: K of N clients per round, E local epochs each, sample-weighted averaging."""
+    state = trainer.state()
+    sampler = np.random.default_rng([cfg.seed, 1])
+    rows = []
+    for r in tqdm(range(1, cfg.rounds + 1), desc="rounds", leave=False, disable=not progress):
+        t0 = time.perf_counter()
+        chosen = np.sort(sampler.choice(cfg.clients, cfg.sample, replace=False))
+        log: dict[str, list] = {"loss": [], "bytes": []}
+        down = cfg.sample * state_bytes(state)
+        state = fedavg(_client_updates(cfg, trainer, state, [clients[c] for c in chosen],
+                                       chosen, r, log))
+        trainer.load(state)
+        evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
+        rows.append(_row(r, evaluated, float(np.mean(log["loss"])), sum(log["bytes"]), down,
+                         time.perf_counter() - t0))
+    return rows, _final_shared(trainer, clients, rows)
+
+
+def run_central(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
+                progress: bool) -> tuple[list[dict], dict]:
+    """Upper bound: all clients' training data pooled, the same rounds x local epochs."""
+    pooled = data.Split(torch.cat([c.train.images for c in clients]),
+                        torch.cat([c.train.labels for c in clients]))
+    rows = []
+    for r in tqdm(range(1, cfg.rounds + 1), desc="rounds", leave=False, disable=not progress):
+        t0 = time.perf_counter()
+        loss = trainer.fit(pooled, cfg.local_epochs, (cfg.seed, r, -1))
+        evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
+        rows.append(_row(r, evaluated, loss, 0, 0, time.perf_counter() - t0))
+    return rows, _final_shared(trainer, clients, rows)
+
+
+def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
+              progress: bool) -> tuple[list[dict], dict]:
+    """Each client trains alone: the same local work per round, the same rounds, no exchange.
+
+    Rows hold the mean (and spread) over clients of each client's own model.
+    """
+    init = trainer.state()
+    n, rounds = len(clients), cfg.rounds
+    acc, loss = np.full((n, rounds), np.nan), np.full((n, rounds), np.nan)
+    train_loss, seconds = np.zeros((n, rounds)), np.zeros((n, rounds))
+    own_test, own_train = np.zeros(n), np.zeros(n)
+    for c in tqdm(range(n), desc="clients", leave=False, disable=not progress):
+        trainer.load(init)
+        for r in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            train_loss[c, r - 1] = trainer.fit(clients[c].train, cfg.local_epochs, (cfg.seed, r, c))
+            if _eval_round(cfg, r):
+                acc[c, r - 1], loss[c, r - 1] = trainer.evaluate(test)
+            seconds[c, r - 1] = time.perf_counter() - t0
+        own_test[c] = trainer.evaluate(clients[c].test)[0]
+        own_train[c] = trainer.evaluate(clients[c].train)[0]
+    rows = []
+    for r in range(1, rounds + 1):
+        col = r - 1
+        evaluated = (acc[:, col].mean(), loss[:, col].mean()) if _eval_round(cfg, r) else None
+        rows.append(_row(r, evaluated, float(train_loss[:, col].mean()), 0, 0,
+                         float(seconds[:, col].sum()),
+                         test_acc_std=float(acc[:, col].std()) if evaluated else None))
+    last = rows[-1]
+    final = {"test_acc": last["test_acc"], "test_loss": last["test_loss"],
+             "test_acc_std": last["test_acc_std"],
+             "local_test_acc": float(own_test.mean()), "local_test_acc_std": float(own_test.std()),
+             "train_acc": float(own_train.mean())}
+    return rows, final
+
+
+def _final_shared(trainer: Trainer, clients: list[Client], rows: list[dict]) -> dict:
+    """Final metrics of one shared model (FedAvg, central): global and per-client."""
+    own_test = trainer.per_client(clients, "test")
+    return {"test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
+            "test_acc_std": 0.0,
+            "local_test_acc": float(own_test.mean()), "local_test_acc_std": float(own_test.std()),
+            "train_acc": float(trainer.per_client(clients, "train").mean())}
+
+
+MODES: dict[str, Callable[..., tuple[list[dict], dict]]] = {
+    "fl": run_fl, "local": run_local, "central": run_central}
+
+
+@dataclass
+class Outcome:
+    """What a run produced, before it becomes a record."""
+
+    rows: list[dict]
+    final: dict[str, Any]
+    trainable: int
+    total: int
+    state_bytes: int
+    weights: tuple[str, str | None]
+    device: str
+
+
+def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
+            progress: bool = False) -> Outcome:
+    """Run one configuration end to end and return its outcome.
+
+    Everything random derives from ``cfg.seed``: model initialisation, the partition,
+    client sampling and data order.
+    """
+    dev = pick_device(device)
+    dataset = data.load(cfg.dataset, data_root)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, dataset.class_names, cfg.weights)
+    names = tuning.prepare(model, cfg.method, cfg.method_options)
+    parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
+                                    cfg.seed, cfg.local_test_fraction,
+                                    num_classes=len(dataset.class_names))
+    train = data.Split(dataset.train.images.to(dev), dataset.train.labels.to(dev))
+    test = data.Split(dataset.test.images.to(dev), dataset.test.labels.to(dev))
+    pairs = zip(parts.train, parts.test, strict=True)
+    clients = [Client(train.subset(a), train.subset(b)) for a, b in pairs]
+    trainer = Trainer(model, names, cfg, dev)
+    initial = trainer.evaluate(test)
+    rows, final = MODES[cfg.mode](cfg, trainer, clients, test, progress)
+    rows.insert(0, _row(0, initial, None, 0, 0, 0.0))
+    final |= {"initial_test_acc": initial[0],
+              "bytes_up": sum(r["bytes_up"] for r in rows),
+              "bytes_down": sum(r["bytes_down"] for r in rows)}
+    trainable, total = tuning.count_parameters(model)
+    return Outcome(rows, final, trainable, total, state_bytes(trainer.state()),
+                   models.resolve_weights(cfg.model, cfg.weights), str(dev))

@@ -1,0 +1,189 @@
+"""One JSON record per run, written atomically; the run cache that makes a grid resumable.
+
+A record lives at ``<results>/runs/<config hash>.json``. It is written once, complete,
+through a temporary file and an atomic rename, so a crash or a kill never leaves a
+half-written record. A record with status ``ok`` is a cache hit; a ``failed`` one is run
+again on the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedtune_core.config import RunConfig
+
+SCHEMA = 1
+PACKAGES = ("fedtune", "torch", "torchvision", "timm", "open_clip_torch", "peft", "numpy",
+            "scikit-learn")
+
+
+def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
+    """Where the record of ``cfg`` lives under the results folder."""
+    return Path(results) / "runs" / f"{cfg.hash}.json"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=False, default=_plain)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """The record at ``path``, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cached(results: str | os.PathLike, cfg: RunConfig) -> dict | None:
+    """The finished (status ok) record of ``cfg``, if there is one."""
+    rec = read_record(record_path(results, cfg))
+    return rec if rec and rec.get("status") == "ok" and rec.get("schema") == SCHEMA else None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git commit and hardware, for the record."""
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    hardware = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {"versions": versions, "git": git_state(), "hardware": hardware}
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirty flag of the checkout fedtune runs from (None outside git)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None,
+        data_root: str | None = None, progress: bool = False, force: bool = False,
+        record_config_errors: bool = False) -> dict:
+    """Run ``cfg`` unless a finished record exists; write and return its record.
+
+    A run that raises is recorded as ``failed`` with its error and the exception is not
+    propagated, so a grid goes on. Bad input (:class:`ConfigError`, e.g. weights that
+    cannot be read) is re-raised without writing anything unless ``record_config_errors``.
+    """
+    from fedtune_core import fl
+    from fedtune_core.errors import ConfigError
+
+    if not force and (hit := cached(results, cfg)):
+        return hit
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    record: dict[str, Any] = {"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(),
+                              "seed": cfg.seed, "started": started.isoformat(timespec="seconds")}
+    try:
+        out = fl.execute(cfg, device=device, data_root=data_root, progress=progress)
+    except ConfigError as err:
+        if not record_config_errors:
+            raise
+        record |= _failure(err)
+    except Exception as err:  # recorded, so the rest of a grid goes on
+        record |= _failure(err)
+    else:
+        record |= {"status": "ok", "error": None, "rounds": out.rows, "final": out.final,
+                   "params": {"trainable": out.trainable, "total": out.total},
+                   "state_bytes": out.state_bytes,
+                   "weights": {"kind": out.weights[0], "source": out.weights[1]},
+                   "device": out.device}
+    record |= environment() | {"wall_seconds": time.perf_counter() - t0}
+    write_json(record_path(results, cfg), record)
+    return record
+
+
+def _failure(err: BaseException) -> dict[str, Any]:
+    tail = "".join(traceback.format_exception(err)[-3:])
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": tail,
+            "rounds": [], "final": {}}
+
+
+def load_records(results: str | os.PathLike, status: str | None = "ok") -> list[dict]:
+    """Every readable record under ``<results>/runs`` (only ``status`` ones unless None)."""
+    records = (read_record(p) for p in sorted(Path(results, "runs").glob("*.json")))
+    return [r for r in records if r and (status is None or r.get("status") == status)]
+
+
+def _flatten(rec: dict) -> dict[str, Any]:
+    cfg = rec["config"]
+    flat = {k: v for k, v in cfg.items() if k != "method_options"}
+    flat |= {f"opt_{k}": v for k, v in cfg["method_options"].items()}
+    flat["variant"] = method_label(cfg)
+    flat |= {"hash": rec["hash"], "status": rec["status"]}
+    return flat
+
+
+def method_label(cfg: dict) -> str:
+    """A short display name of the method and its non-default options (e.g. ``prompt-deep``)."""
+    from fedtune_core import tuning
+
+    defaults = tuning.method_config(cfg["method"]).__dict__
+    extra = [str(v) for k, v in cfg["method_options"].items() if defaults.get(k) != v]
+    return "-".join([cfg["method"], *extra])
+
+
+def runs_frame(records: Iterable[dict]):
+    """One row per run: the config's fields, final metrics, parameter counts."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        rows.append(_flatten(rec) | {f"final_{k}": v for k, v in rec.get("final", {}).items()}
+                    | {"trainable": rec.get("params", {}).get("trainable"),
+                       "total": rec.get("params", {}).get("total"),
+                       "wall_seconds": rec.get("wall_seconds")})
+    return pd.DataFrame(rows)
+
+
+def rounds_frame(records: Iterable[dict]):
+    """One row per (run, round): the config's fields and that round's metrics."""
+    import pandas as pd
+
+    rows = [_flatten(rec) | row for rec in records for row in rec.get("rounds", [])]
+    return pd.DataFrame(rows)
+
