@@ -12,7 +12,6 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from fedtune_core.errors import ConfigError
@@ -40,6 +39,21 @@ def check_range(what: str, value: float, low: float | None = None, high: float |
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
         raise ConfigError(f"{what} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+
+class FrozenDict(dict):
+    """A read-only dict (picklable, unlike MappingProxyType): a config's method options."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a RunConfig is frozen; use cfg.replace(method_options=...)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ class RunConfig:
     seed: int = 0  # the one seed for partition, init, client sampling and data order
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
+        object.__setattr__(self, "method_options", FrozenDict(self.method_options))
         self.validate()
 
     def validate(self) -> None:

@@ -191,7 +191,7 @@ def run_central(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: d
     rows = []
     for r in tqdm(range(1, cfg.rounds + 1), desc="rounds", leave=False, disable=not progress):
         t0 = time.perf_counter()
-        loss = trainer.fit(pooled, cfg.local_epochs, (cfg.seed, r, -1))
+        loss = trainer.fit(pooled, cfg.local_epochs, (cfg.seed, r, len(clients)))
         evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
         rows.append(_row(r, evaluated, loss, 0, 0, time.perf_counter() - t0))
     return rows, _final_shared(trainer, clients, rows)

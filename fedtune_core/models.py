@@ -8,6 +8,8 @@ the package, ``vit-tiny`` a set of timm kwargs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -195,7 +197,8 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
                      text_head: bool) -> Classifier:
     import open_clip
 
-    clip = open_clip.create_model(spec.arch, pretrained=source if kind != "none" else None)
+    with _quiet_root_logger(kind == "none"):  # open_clip warns that random init is random
+        clip = open_clip.create_model(spec.arch, pretrained=source if kind != "none" else None)
     clip.eval()
     visual = clip.visual
     head = nn.Linear(visual.output_dim, len(class_names))
@@ -212,6 +215,18 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     return Classifier(visual, head, blocks_path="transformer.resblocks",
                       width=visual.transformer.width, prefix_tokens=1, normalize=True,
                       input_size=size, mean=pre["mean"], std=pre["std"])
+
+
+@contextlib.contextmanager
+def _quiet_root_logger(quiet: bool):
+    root = logging.getLogger()
+    level = root.level
+    if quiet:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 _BUILDERS = {"open_clip": _build_open_clip, "timm": _build_timm}

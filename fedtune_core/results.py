@@ -9,6 +9,7 @@ again on the next call.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -33,19 +34,36 @@ def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
     return Path(results) / "runs" / f"{cfg.hash}.json"
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file atomically: a temporary file in the same folder, fsync, then a rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False, default=_plain)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Serialise ``payload`` first, then write it atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=_plain))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None (strict JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:

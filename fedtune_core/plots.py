@@ -1,0 +1,132 @@
+"""The figures and tables the notebooks share, built only from run records.
+
+Every function takes data frames from :func:`fedtune_core.results.runs_frame` /
+:func:`~fedtune_core.results.rounds_frame` (configs read from inside the records) and
+shows the mean over seeds with the spread (standard deviation) as error bars or bands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
+
+
+def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> list[Path]:
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf``; return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    return paths
+
+
+def summarise(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:
+    """Mean, standard deviation and number of seeds of ``value`` per group ``by``."""
+    grouped = runs.groupby(by, sort=False)[value]
+    out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def accuracy_curves(rounds: pd.DataFrame, hue: str = "variant", col: str = "model",
+                    row: str | None = None, y: str = "test_acc") -> sns.FacetGrid:
+    """Test accuracy per round, one panel per ``col``; band = spread over seeds."""
+    data = rounds.dropna(subset=[y])
+    grid = sns.relplot(data=data, x="round", y=y, hue=hue, col=col, row=row, kind="line",
+                       errorbar="sd", marker="o", markersize=4, height=3.2, aspect=1.2,
+                       facet_kws={"sharey": True})
+    grid.set_axis_labels("communication round", "test accuracy")
+    return grid
+
+
+def pareto(runs: pd.DataFrame, x: str, xlabel: str, hue: str = "variant",
+           style: str = "model") -> plt.Figure:
+    """Final accuracy against a cost (log scale), mean +- spread over seeds, per group."""
+    table = summarise(runs, [style, hue], "final_test_acc")
+    costs = runs.groupby([style, hue], sort=False)[x].mean().reset_index()
+    table = table.merge(costs, on=[style, hue])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    palette = dict(zip(table[hue].unique(), sns.color_palette(n_colors=table[hue].nunique()),
+                       strict=True))
+    markers = dict(zip(table[style].unique(), "osD^vP", strict=False))
+    for _, r in table.iterrows():
+        ax.errorbar(r[x], r["mean"], yerr=r["std"], fmt=markers[r[style]], color=palette[r[hue]],
+                    capsize=3, markersize=7)
+    for _, part in table.groupby(style):
+        front = _front(part, x)
+        ax.plot(front[x], front["mean"], color="grey", lw=0.8, ls="--", zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final test accuracy")
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=k) for k, c in palette.items()]
+    handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=k) for k, m in markers.items()]
+    ax.legend(handles=handles, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize="small")
+    ax.set_title("dashed: Pareto front (no cheaper point is as accurate)")
+    return fig
+
+
+def _front(table: pd.DataFrame, x: str) -> pd.DataFrame:
+    best, keep = -np.inf, []
+    ordered = table.sort_values(x)
+    for i, r in ordered.iterrows():
+        if r["mean"] > best:
+            best = r["mean"]
+            keep.append(i)
+    return ordered.loc[keep]
+
+
+def rounds_to_target(rounds: pd.DataFrame, target: float,
+                     by: tuple[str, ...] = ("model", "variant")) -> pd.DataFrame:
+    """First round each run reaches ``target`` test accuracy (NaN: never), mean over seeds."""
+    hits = rounds[rounds["test_acc"] >= target].groupby([*by, "seed"])["round"].min()
+    runs = rounds[[*by, "seed"]].drop_duplicates().set_index([*by, "seed"])
+    runs["rounds_to_target"] = hits
+    table = runs.reset_index().groupby(list(by), sort=False)["rounds_to_target"]
+    out = table.agg(mean="mean", reached=lambda s: int(s.notna().sum()), seeds="size")
+    return out.reset_index()
+
+
+def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
+                 value: str = "final_test_acc", ylabel: str = "final test accuracy",
+                 reference: dict[str, float] | None = None) -> sns.FacetGrid:
+    """Bars of ``value`` (mean, error bar = spread over seeds) by ``x`` and ``hue``.
+
+    ``reference`` draws a dashed horizontal line per ``col`` panel (e.g. zero-shot accuracy).
+    """
+    grid = sns.catplot(data=runs, x=x, y=value, hue=hue, col=col, kind="bar", errorbar="sd",
+                       capsize=0.1, height=3.4, aspect=1.3)
+    grid.set_axis_labels(x, ylabel)
+    for name, ax in grid.axes_dict.items() if col else [(None, grid.ax)]:
+        ax.tick_params(axis="x", rotation=30)
+        if reference and name in reference:
+            ax.axhline(reference[name], color="k", ls="--", lw=1, label="zero-shot")
+            ax.legend(loc="lower right", fontsize="small")
+    return grid
+
+
+def shots_curve(runs: pd.DataFrame, hue: str = "model", style: str = "variant") -> plt.Figure:
+    """Final accuracy against shots per class per client (log2 axis)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=runs, x="shots", y="final_test_acc", hue=hue, style=style, marker="o",
+                 errorbar="sd", ax=ax)
+    ax.set_xscale("log", base=2)
+    shots = sorted(runs["shots"].unique())
+    ax.set_xticks(shots, [str(int(s)) for s in shots])
+    ax.set_xlabel("training images per class per client (K)")
+    ax.set_ylabel("final test accuracy")
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize="small")
+    return fig

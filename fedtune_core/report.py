@@ -1,0 +1,229 @@
+"""What the reports say: their header, tidy frames from records, the paper's findings.
+
+Everything here reads run records only (the config inside each record), never file names.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from fedtune_core import models, results
+from fedtune_core.grid import Profile
+
+SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable"
+NOTEBOOKS = {
+    "00_summary": "Summary: the paper's three findings",
+    "01_tuning_methods": "Tuning methods compared",
+    "02_clip_vs_vit": "CLIP vs ViT",
+    "03_few_shot": "Few-shot",
+    "04_fl_vs_local": "FL vs local training",
+}
+
+
+def results_path(profile: Profile, results_root: str | os.PathLike) -> Path:
+    """``<results_root>/<profile name>``."""
+    return Path(results_root) / profile.name
+
+
+def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, rounds) frames of the finished records, with derived columns.
+
+    Derived: ``family`` (CLIP or ViT), ``shots`` (K of fewshot:K), ``communication``
+    (bytes up + down over the run), ``mode_name``.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
+    for frame in (runs, rounds):
+        if frame.empty:
+            continue
+        frame["family"] = frame["model"].map(family)
+        frame["shots"] = frame["partition"].map(_shots)
+        frame["mode_name"] = frame["mode"].map({"fl": "FedAvg", "local": "local only",
+                                                "central": "centralised"})
+    if not runs.empty:
+        runs["communication"] = runs["final_bytes_up"] + runs["final_bytes_down"]
+    return runs, rounds
+
+
+def family(model: str) -> str:
+    """CLIP for open_clip backbones, ViT for timm ones."""
+    return "CLIP" if models.BACKBONES[model].family == "open_clip" else "ViT"
+
+
+def _shots(partition: str) -> float:
+    kind, _, value = partition.partition(":")
+    return float(value) if kind == "fewshot" else float("nan")
+
+
+def header(profile: Profile, records: Sequence[dict], title: str) -> str:
+    """Markdown block that opens every report: profile, models, data, seeds, provenance."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    bad = len(records) - len(ok)
+    weights = sorted({f"{r['config']['model']} ({_weights(r)})" for r in ok})
+    datasets = sorted({r["config"]["dataset"] for r in ok})
+    seeds = sorted({r["seed"] for r in ok})
+    commits = Counter(f"{(r.get('git') or {}).get('commit') or 'unknown'}"[:10]
+                      + (" (dirty)" if (r.get("git") or {}).get("dirty") else "") for r in ok)
+    devices = Counter(f"{r.get('device')} / {(r.get('hardware') or {}).get('gpu') or 'no GPU'}"
+                      for r in ok)
+    versions = ok[0]["versions"] if ok else {}
+    lines = [f"# {title}", "",
+             f"**Profile: `{profile.name}`.** {profile.description}", "",
+             "| | |", "|---|---|",
+             f"| models (weights) | {', '.join(weights) or '-'} |",
+             f"| dataset | {', '.join(datasets) or '-'} |",
+             f"| seeds | {len(seeds)} ({', '.join(map(str, seeds))}) |",
+             f"| runs | {len(ok)} finished" + (f", **{bad} failed**" if bad else "") + " |",
+             f"| versions | {', '.join(f'{k} {v}' for k, v in versions.items() if v)} |",
+             f"| commit | {', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or '-'} |",
+             f"| hardware | {', '.join(f'{d} ({n} runs)' for d, n in devices.items()) or '-'} |"]
+    return "\n".join(lines)
+
+
+def _weights(record: dict) -> str:
+    w = record.get("weights") or {}
+    if w.get("kind") == "none":
+        return "random init, untrained"
+    if w.get("kind") == "file":
+        return f"checkpoint {Path(w['source']).name}"
+    return f"pre-trained: {w.get('source')}"
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:
+    grouped = runs.groupby(by, sort=False)[value]
+    return grouped.agg(mean="mean", std="std").fillna(0.0).reset_index()
+
+
+def finding_bias(runs: pd.DataFrame) -> tuple[str, str]:
+    """F1: bias tuning is best on the strongest model (mean within one spread of the best)."""
+    if runs.empty or "bias" not in set(runs["variant"]):
+        return NOT_MEASURABLE, "no bias-tuning runs"
+    table = _table(runs, ["dataset", "model", "variant"])
+    verdicts, notes = [], []
+    for dataset, part in table.groupby("dataset", sort=False):
+        strongest = part.groupby("model")["mean"].mean().idxmax()
+        rows = part[part["model"] == strongest].set_index("variant")
+        best = rows["mean"].idxmax()
+        bias = rows.loc["bias"]
+        ok = bias["mean"] >= rows.loc[best, "mean"] - max(bias["std"], rows.loc[best, "std"])
+        verdicts.append(ok)
+        best_row = rows.loc[best]
+        notes.append(f"{dataset}, strongest model {strongest}: bias "
+                     f"{_fmt(bias['mean'], bias['std'])}; best {best} "
+                     f"{_fmt(best_row['mean'], best_row['std'])}")
+    return (SUPPORTED if all(verdicts) else NOT_SUPPORTED), "; ".join(notes)
+
+
+def finding_clip(runs: pd.DataFrame) -> tuple[str, str]:
+    """F2a: CLIP beats ViT: CLIP's mean is higher for most (dataset, method) pairs."""
+    if runs.empty or set(runs["family"]) != {"CLIP", "ViT"}:
+        return NOT_MEASURABLE, "needs runs of both a CLIP and a ViT model"
+    table = _table(runs, ["dataset", "variant", "family"])
+    wide = table.pivot_table(index=["dataset", "variant"], columns="family", values="mean")
+    wins = int((wide["CLIP"] > wide["ViT"]).sum())
+    note = (f"CLIP ahead in {wins} of {len(wide)} (dataset, method) pairs; mean accuracy "
+            f"CLIP {wide['CLIP'].mean():.3f} vs ViT {wide['ViT'].mean():.3f}")
+    return (SUPPORTED if wins > len(wide) / 2 else NOT_SUPPORTED), note
+
+
+def finding_few_shot(runs: pd.DataFrame) -> tuple[str, str]:
+    """F2b: CLIP is more robust few-shot: ahead at the fewest shots and loses less from most."""
+    if runs.empty or set(runs["family"]) != {"CLIP", "ViT"} or runs["shots"].isna().all():
+        return NOT_MEASURABLE, "needs few-shot runs of both a CLIP and a ViT model"
+    table = _table(runs, ["family", "shots"])
+    wide = table.pivot_table(index="shots", columns="family", values="mean").sort_index()
+    low, high = wide.index.min(), wide.index.max()
+    drop = wide.loc[high] - wide.loc[low]
+    ahead = wide.loc[low, "CLIP"] > wide.loc[low, "ViT"]
+    note = (f"at K={low:g}: CLIP {wide.loc[low, 'CLIP']:.3f} vs ViT {wide.loc[low, 'ViT']:.3f}; "
+            f"loss from K={high:g} to K={low:g}: CLIP {drop['CLIP']:.3f}, ViT {drop['ViT']:.3f}")
+    return (SUPPORTED if ahead and drop["CLIP"] <= drop["ViT"] else NOT_SUPPORTED), note
+
+
+def finding_fl(runs: pd.DataFrame) -> tuple[str, str]:
+    """F3: FL beats local training on the global test set in most settings; local over-fits."""
+    fl, local = runs[runs["mode"] == "fl"], runs[runs["mode"] == "local"]
+    if fl.empty or local.empty:
+        return NOT_MEASURABLE, "needs both FedAvg and local-only runs"
+    keys = ["model", "variant", "partition", "dataset"]
+    both = _table(fl, keys).merge(_table(local, keys), on=keys, suffixes=("_fl", "_local"))
+    wins = int((both["mean_fl"] > both["mean_local"]).sum())
+    gap_local = (local["final_train_acc"] - local["final_local_test_acc"]).mean()
+    gap_fl = (fl["final_train_acc"] - fl["final_local_test_acc"]).mean()
+    note = (f"FedAvg ahead on the global test set in {wins} of {len(both)} settings "
+            f"(mean {both['mean_fl'].mean():.3f} vs {both['mean_local'].mean():.3f}); "
+            f"train-test gap local {gap_local:.3f} vs FedAvg {gap_fl:.3f}")
+    return (SUPPORTED if wins > len(both) / 2 else NOT_SUPPORTED), note
+
+
+FINDINGS = (
+    ("F1", "Tuning only the bias terms performs best when the pre-trained model is strong.",
+     "tuning_methods", finding_bias, "01_tuning_methods"),
+    ("F2a", "CLIP outperforms ViT.", "clip_vs_vit", finding_clip, "02_clip_vs_vit"),
+    ("F2b", "CLIP is more robust than ViT in few-shot settings.", "few_shot", finding_few_shot,
+     "03_few_shot"),
+    ("F3", "FL with pre-trained models beats pure local training, which over-fits.",
+     "fl_vs_local", finding_fl, "04_fl_vs_local"),
+)
+
+
+def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]]) -> pd.DataFrame:
+    """The paper's findings with this run's evidence and a verdict.
+
+    A profile whose models are not pre-trained cannot test claims about pre-trained
+    models: its verdicts are 'not measurable in this profile', and the evidence column
+    still shows what its runs computed (a check of the pipeline, not of the paper).
+    """
+    rows = []
+    for key, claim, experiment, test, report_name in FINDINGS:
+        runs, _ = frames(records_by_experiment.get(experiment, []))
+        verdict, evidence = test(runs)
+        if not profile.pretrained and verdict != NOT_MEASURABLE:
+            evidence = f"pipeline check only, untrained models: {evidence}"
+            verdict = NOT_MEASURABLE
+        if verdict == NOT_MEASURABLE:
+            verdict = "not measurable in this profile"
+        rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
+                     "report": report_name})
+    return pd.DataFrame(rows)
+
+
+def findings_markdown(table: pd.DataFrame) -> str:
+    """The findings table as Markdown, each row linking to its report."""
+    lines = ["| finding | claim | verdict | evidence | report |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.finding} | {r.claim} | **{r.verdict}** | {r.evidence} | "
+                     f"[{r.report}]({r.report}.html) |")
+    return "\n".join(lines)
+
+
+def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame) -> Path:
+    """``<folder>/index.html``: the findings table and links to every report and figure."""
+    folder = Path(folder)
+    links = "".join(f'<li><a href="reports/{n}.html">{html.escape(t)}</a></li>'
+                    for n, t in NOTEBOOKS.items() if (folder / "reports" / f"{n}.html").exists())
+    figures = "".join(f'<li><a href="figures/{p.name}">{p.name}</a></li>'
+                      for p in sorted((folder / "figures").glob("*.png")))
+    shown = table.assign(report=[f'<a href="reports/{r}.html">{r}</a>' for r in table["report"]])
+    body = (f"<h1>fedtune: results of profile <code>{profile.name}</code></h1>"
+            f"<p>{html.escape(profile.description)}</p>"
+            f"<h2>The paper's findings</h2>{shown.to_html(index=False, escape=False)}"
+            f"<h2>Reports</h2><ul>{links}</ul><h2>Figures</h2><ul>{figures}</ul>")
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
+             "text-align:left;vertical-align:top}")
+    path = folder / "index.html"
+    results.write_text(path, f"<!doctype html><html><head><meta charset='utf-8'>"
+                             f"<title>fedtune {profile.name}</title><style>{style}</style>"
+                             f"</head><body>{body}</body></html>")
+    return path

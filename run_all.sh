@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Run the whole study for one profile: every run of its grid (cached by config hash),
+# every notebook executed by papermill, HTML reports, figures, and an index.html.
+#
+#   ./run_all.sh                      # the offline demo profile
+#   ./run_all.sh --profile paper      # the full study (GPU, real weights and data)
+#
+# Resumable: finished runs are cached in results/<profile>/runs/; a second call computes
+# nothing new. --force recomputes every run. A failed run is recorded as failed, the rest
+# goes on, and the script ends non-zero naming what failed.
+set -uo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--jobs N] [--device DEV]
+                    [--results-root DIR] [--data-dir DIR]
+  --profile       demo (default, offline), paper (GPU, weights and CIFAR), smoke, or a .toml file
+  --force         recompute every run even if a finished record exists
+  --jobs          runs in parallel processes (default: 1 on GPU, one per core on CPU, max 4)
+  --device        auto (default), cpu, cuda, cuda:1 ...
+  --results-root  folder holding results/<profile>/ (default: ./results)
+  --data-dir      dataset folder (default: $FEDTUNE_DATA_DIR or ./data)
+Weights offline: --weights is per run; for the grid set FEDTUNE_WEIGHTS_DIR to a folder of
+<model>.pt files (e.g. clip-vit-b32.pt, vit-b16.pt), see README.md.
+USAGE
+}
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+profile=demo force=() jobs=0 device=auto results_root="$root/results" data_dir=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
+        --force) force=(--force); shift ;;
+        --jobs) jobs="${2:?--jobs needs a value}"; shift 2 ;;
+        --device) device="${2:?--device needs a value}"; shift 2 ;;
+        --results-root) results_root="${2:?--results-root needs a value}"; shift 2 ;;
+        --data-dir) data_dir="${2:?--data-dir needs a value}"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --jobs, --device, --results-root, --data-dir, --help" >&2; exit 2 ;;
+    esac
+done
+case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, got '$jobs'" >&2; exit 2 ;; esac
+
+source "$root/scripts/ensure_venv.sh" || exit 1
+bin="$root/.venv/bin"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+# Validate the profile first (one clear line and exit 2 on a bad name) and get its folder.
+name="$("$bin/python" -c 'import sys
+from fedtune_core.errors import ConfigError
+from fedtune_core.grid import load_profile
+try:
+    print(load_profile(sys.argv[1]).name)
+except ConfigError as err:
+    sys.exit(f"run_all.sh: {err}")' "$profile")" || exit 2
+out="$results_root/$name"
+mkdir -p "$out/logs" "$out/notebooks" "$out/reports" "$out/figures"
+log="$out/logs/run_all.log"
+exec > >(tee -a "$log") 2>&1
+echo "== fedtune run_all: profile $name, results in $out ($(date -u +%FT%TZ))"
+
+failures=()
+data_args=()
+[ -n "$data_dir" ] && data_args=(--data-dir "$data_dir")
+
+echo "== 1/3 runs"
+"$bin/fedtune" grid --profile "$profile" --results "$out" --jobs "$jobs" --device "$device" \
+    "${data_args[@]}" "${force[@]}" || failures+=("runs (see 'failed:' lines above)")
+
+echo "== 2/3 notebooks"
+for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
+    stem="$(basename "$nb" .ipynb)"
+    echo "-- $stem"
+    if "$bin/papermill" "$nb" "$out/notebooks/$stem.ipynb" --cwd "$root/notebooks" \
+            -p profile "$profile" -p results_root "$results_root" -p device "$device" \
+            -p data_dir "$data_dir" --progress-bar --log-level WARNING; then
+        "$bin/jupyter" nbconvert --to html --no-input --log-level WARN \
+            --output-dir "$out/reports" "$out/notebooks/$stem.ipynb" \
+            || failures+=("HTML export of $stem")
+    else
+        failures+=("notebook $stem (executed copy with the error: $out/notebooks/$stem.ipynb)")
+    fi
+done
+
+echo "== 3/3 index"
+"$bin/fedtune" index --profile "$profile" --results "$out" || failures+=("index.html")
+
+if [ ${#failures[@]} -gt 0 ]; then
+    echo "== done with failures:"
+    printf '   - %s\n' "${failures[@]}"
+    echo "   log: $log"
+    exit 1
+fi
+echo "== done: open $out/index.html (log: $log)"
