@@ -60,12 +60,12 @@ exec > >(tee -a "$log") 2>&1
 echo "== fedtune run_all: profile $name, results in $out ($(date -u +%FT%TZ))"
 
 failures=()
-data_args=()
-[ -n "$data_dir" ] && data_args=(--data-dir "$data_dir")
+# One dataset folder for the grid and the notebooks (which run from notebooks/).
+export FEDTUNE_DATA_DIR="${data_dir:-${FEDTUNE_DATA_DIR:-$root/data}}"
 
 echo "== 1/3 runs"
 "$bin/fedtune" grid --profile "$profile" --results "$out" --jobs "$jobs" --device "$device" \
-    "${data_args[@]}" "${force[@]}" || failures+=("runs (see 'failed:' lines above)")
+    "${force[@]}" || failures+=("runs (see 'failed:' lines above)")
 
 echo "== 2/3 notebooks"
 for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
@@ -73,7 +73,7 @@ for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
     echo "-- $stem"
     if "$bin/papermill" "$nb" "$out/notebooks/$stem.ipynb" --cwd "$root/notebooks" \
             -p profile "$profile" -p results_root "$results_root" -p device "$device" \
-            -p data_dir "$data_dir" --progress-bar --log-level WARNING; then
+            -p data_dir "$FEDTUNE_DATA_DIR" --progress-bar --log-level WARNING; then
         "$bin/jupyter" nbconvert --to html --no-input --log-level WARN \
             --output-dir "$out/reports" "$out/notebooks/$stem.ipynb" \
             || failures+=("HTML export of $stem")

@@ -111,6 +111,16 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from fedtune_core import data, fl, models
+
+    models.check_weights(args.model, args.weights)
+    data.check_dataset(args.dataset)
+    acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
+    print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -129,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--classes", type=int, required=True)
     params.add_argument("--json", action="store_true", help="machine-readable output")
     params.set_defaults(func=cmd_params)
+
+    zs = sub.add_parser("zeroshot", help="accuracy before any training (CLIP: zero-shot)")
+    zs.add_argument("--model", required=True)
+    zs.add_argument("--dataset", default="digits")
+    zs.add_argument("--weights", default="auto")
+    zs.add_argument("--device", default="auto")
+    zs.add_argument("--data-dir", default=None)
+    zs.set_defaults(func=cmd_zeroshot)
 
     from fedtune_core import grid
 

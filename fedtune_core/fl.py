@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fedtune_core import data, models, partition, tuning
 from fedtune_core.config import RunConfig
@@ -257,6 +257,22 @@ class Outcome:
     state_bytes: int
     weights: tuple[str, str | None]
     device: str
+
+
+def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | None = None,
+              data_root: str | None = None) -> float:
+    """Accuracy of an untrained classifier on the global test set (CLIP: zero-shot).
+
+    For CLIP models the head is built from the text embeddings of the class prompts, so
+    this is CLIP's zero-shot accuracy; for ViT it is the accuracy of a random head.
+    """
+    dev = pick_device(device)
+    data_ = data.load(dataset, data_root)
+    net = models.build(model, data_.class_names, weights)
+    cfg = RunConfig(model=model, weights=weights, method="head")
+    trainer = Trainer(net, [], cfg, dev)
+    test = data.Split(data_.test.images.to(dev), data_.test.labels.to(dev))
+    return trainer.evaluate(test)[0]
 
 
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,

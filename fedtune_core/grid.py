@@ -137,7 +137,7 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     the moment it ends, so an interrupted grid resumes where it stopped. Failed runs are
     recorded as failed and the grid goes on.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from fedtune_core import results as res
 

@@ -101,16 +101,20 @@ def rounds_to_target(rounds: pd.DataFrame, target: float,
 
 
 def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
-                 value: str = "final_test_acc", ylabel: str = "final test accuracy",
+                 row: str | None = None, value: str = "final_test_acc",
+                 ylabel: str = "final test accuracy",
                  reference: dict[str, float] | None = None) -> sns.FacetGrid:
     """Bars of ``value`` (mean, error bar = spread over seeds) by ``x`` and ``hue``.
 
-    ``reference`` draws a dashed horizontal line per ``col`` panel (e.g. zero-shot accuracy).
+    Every setting that is not ``x``, ``hue``, ``col`` or ``row`` must be fixed, or the bars
+    mix settings. ``reference`` draws a dashed line per ``col`` value (e.g. zero-shot).
     """
-    grid = sns.catplot(data=runs, x=x, y=value, hue=hue, col=col, kind="bar", errorbar="sd",
-                       capsize=0.1, height=3.4, aspect=1.3)
+    grid = sns.catplot(data=runs, x=x, y=value, hue=hue, col=col, row=row, kind="bar",
+                       errorbar="sd", capsize=0.1, height=3.4, aspect=1.3)
     grid.set_axis_labels(x, ylabel)
-    for name, ax in grid.axes_dict.items() if col else [(None, grid.ax)]:
+    panels = grid.axes_dict.items() if (col or row) else [(None, grid.ax)]
+    for key, ax in panels:
+        name = key[-1] if isinstance(key, tuple) else key
         ax.tick_params(axis="x", rotation=30)
         if reference and name in reference:
             ax.axhline(reference[name], color="k", ls="--", lw=1, label="zero-shot")

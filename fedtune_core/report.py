@@ -35,7 +35,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, rounds) frames of the finished records, with derived columns.
 
     Derived: ``family`` (CLIP or ViT), ``shots`` (K of fewshot:K), ``communication``
-    (bytes up + down over the run), ``mode_name``.
+    (bytes up + down over the run), ``mode_name``, ``setting`` ("model / variant").
     """
     ok = [r for r in records if r.get("status") == "ok"]
     runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
@@ -44,6 +44,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
+        frame["setting"] = frame["model"] + " / " + frame["variant"]
         frame["mode_name"] = frame["mode"].map({"fl": "FedAvg", "local": "local only",
                                                 "central": "centralised"})
     if not runs.empty:
@@ -61,7 +62,21 @@ def _shots(partition: str) -> float:
     return float(value) if kind == "fewshot" else float("nan")
 
 
-def header(profile: Profile, records: Sequence[dict], title: str) -> str:
+def client_class_counts(config: dict, clients: int = 10,
+                        data_root: str | None = None) -> pd.DataFrame:
+    """Client x class training-image counts of a record's partition (first ``clients`` rows)."""
+    from fedtune_core import data, partition
+
+    dataset = data.load(config["dataset"], data_root)
+    split = partition.split_clients(dataset.train.labels.numpy(), config["partition"],
+                                    config["clients"], config["seed"],
+                                    config["local_test_fraction"], len(dataset.class_names))
+    table = partition.count_table(dataset.train.labels.numpy(), split.train,
+                                  dataset.class_names)
+    return table.head(clients)
+
+
+def header(profile: Profile, records: Sequence[dict]) -> str:
     """Markdown block that opens every report: profile, models, data, seeds, provenance."""
     ok = [r for r in records if r.get("status") == "ok"]
     bad = len(records) - len(ok)
@@ -73,8 +88,7 @@ def header(profile: Profile, records: Sequence[dict], title: str) -> str:
     devices = Counter(f"{r.get('device')} / {(r.get('hardware') or {}).get('gpu') or 'no GPU'}"
                       for r in ok)
     versions = ok[0]["versions"] if ok else {}
-    lines = [f"# {title}", "",
-             f"**Profile: `{profile.name}`.** {profile.description}", "",
+    lines = [f"**Profile: `{profile.name}`.** {profile.description}", "",
              "| | |", "|---|---|",
              f"| models (weights) | {', '.join(weights) or '-'} |",
              f"| dataset | {', '.join(datasets) or '-'} |",
