@@ -70,8 +70,9 @@ def _config_from(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune_core import models, results
+    from fedtune_core import fl, models, results
 
+    fl.set_cpu_threads()
     cfg = _config_from(args)
     models.resolve_weights(cfg.model, cfg.weights)
     record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,

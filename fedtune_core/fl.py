@@ -8,6 +8,7 @@ Bytes are measured from the tensors that travel.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -61,6 +62,18 @@ def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def set_cpu_threads() -> int:
+    """One intra-op thread per run process unless $FEDTUNE_THREADS says otherwise.
+
+    On the 2-core machines we measured, two threads made a tiny model's training step 40x
+    slower and a ViT-B/16 forward 1.4x slower than one (``benchmarks/threads.py``); CPU
+    parallelism comes from running several runs at once (``fedtune grid --jobs``).
+    """
+    threads = int(os.environ.get("FEDTUNE_THREADS", "1"))
+    torch.set_num_threads(threads)
+    return threads
 
 
 @dataclass

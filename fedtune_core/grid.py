@@ -47,7 +47,7 @@ class Profile:
 
     def runs(self, experiment: str | None = None) -> list[RunConfig]:
         """The configurations ``experiment`` needs (all experiments if None), deduplicated."""
-        names = EXPERIMENTS if experiment is None else (experiment,)
+        names = tuple(self.experiments) if experiment is None else (experiment,)
         seen: dict[str, RunConfig] = {}
         for name in names:
             if name not in self.experiments:
@@ -123,9 +123,9 @@ def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | 
 
 
 def _init_worker() -> None:
-    import torch
+    from fedtune_core.fl import set_cpu_threads
 
-    torch.set_num_threads(1)
+    set_cpu_threads()
 
 
 def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None = None, *,
@@ -140,7 +140,9 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     from tqdm import tqdm
 
     from fedtune_core import results as res
+    from fedtune_core.fl import set_cpu_threads
 
+    set_cpu_threads()
     cfgs = profile.runs(experiment)
     todo = cfgs if force else [c for c in cfgs if res.cached(results, c) is None]
     print(f"{profile.name}/{experiment or 'all'}: {len(cfgs)} runs, "

@@ -50,7 +50,16 @@ def accuracy_curves(rounds: pd.DataFrame, hue: str = "variant", col: str = "mode
                        errorbar="sd", marker="o", markersize=4, height=3.2, aspect=1.2,
                        facet_kws={"sharey": True})
     grid.set_axis_labels("communication round", "test accuracy")
+    _short_titles(grid)
     return grid
+
+
+def _short_titles(grid: sns.FacetGrid) -> None:
+    """Panel titles as bare values ("clip-tiny / bias | iid"), so they do not overlap."""
+    parts = [t for names, t in ((grid.row_names, "{row_name}"), (grid.col_names, "{col_name}"))
+             if names]
+    if parts:
+        grid.set_titles(template=" | ".join(parts))
 
 
 def pareto(runs: pd.DataFrame, x: str, xlabel: str, hue: str = "variant",
@@ -112,13 +121,14 @@ def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
     grid = sns.catplot(data=runs, x=x, y=value, hue=hue, col=col, row=row, kind="bar",
                        errorbar="sd", capsize=0.1, height=3.4, aspect=1.3)
     grid.set_axis_labels(x, ylabel)
+    _short_titles(grid)
     panels = grid.axes_dict.items() if (col or row) else [(None, grid.ax)]
     for key, ax in panels:
         name = key[-1] if isinstance(key, tuple) else key
         ax.tick_params(axis="x", rotation=30)
         if reference and name in reference:
-            ax.axhline(reference[name], color="k", ls="--", lw=1, label="zero-shot")
-            ax.legend(loc="lower right", fontsize="small")
+            line = ax.axhline(reference[name], color="k", ls="--", lw=1, label="zero-shot")
+            ax.legend(handles=[line], loc="upper left", fontsize="small")
     return grid
 
 

@@ -201,7 +201,7 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
     rows = []
     for key, claim, experiment, test, report_name in FINDINGS:
         runs, _ = frames(records_by_experiment.get(experiment, []))
-        verdict, evidence = test(runs)
+        verdict, evidence = test(runs) if not runs.empty else (NOT_MEASURABLE, "no finished runs")
         if not profile.pretrained and verdict != NOT_MEASURABLE:
             evidence = f"pipeline check only, untrained models: {evidence}"
             verdict = NOT_MEASURABLE

@@ -1,0 +1,183 @@
+"""The study layer: profiles, the grid and its cache, run_all.sh, the notebooks, findings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedtune_core import grid, report
+from fedtune_core.cli import main
+from fedtune_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDTUNE = str(Path(sys.executable).with_name("fedtune"))
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+FIGURES = ["01_accuracy_per_round", "01_pareto_parameters", "01_pareto_communication",
+           "02_clip_vs_vit", "03_few_shot", "04_global_test", "04_local_test",
+           "04_train_test_gap", "04_accuracy_per_round"]
+
+
+def test_paper_profile_expands_to_the_expected_runs(capsys):
+    profile = grid.load_profile("paper")
+    seeds, variants = 3, 7
+    tuning = 2 * variants * 2 * seeds  # 2 models x 7 variants x 2 datasets
+    clip_vit = 3 * variants * 2 * seeds  # + ViT-B/32 control
+    few_shot = 2 * 3 * 5 * 2 * seeds  # 2 models x 3 methods x 5 shots x 2 datasets
+    fl_local = 2 * 2 * 4 * 2 * seeds + 2 * 2 * seeds  # fl + local over 4 partitions, central
+    shared = 2 * 2 * seeds  # fl dirichlet:0.5 cifar100 bias/full = tuning_methods runs
+    assert [len(profile.runs(e)) for e in grid.EXPERIMENTS] == [tuning, clip_vit, few_shot,
+                                                                fl_local]
+    assert len(profile.runs()) == clip_vit + few_shot + fl_local - shared
+    assert {c.model for c in profile.runs()} == {"clip-vit-b32", "vit-b16", "vit-b32"}
+    assert main(["grid", "--profile", "paper", "--dry-run", "--results", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(profile.runs()):>6} runs     0 cached{len(profile.runs()):>6} to run" in out
+
+
+def test_a_profile_shares_runs_between_experiments():
+    profile = grid.load_profile("demo")
+    tuning = {c.hash for c in profile.runs("tuning_methods")}
+    assert tuning == {c.hash for c in profile.runs("clip_vs_vit")}
+    assert len(profile.runs()) < sum(len(profile.runs(e)) for e in grid.EXPERIMENTS)
+
+
+def test_profile_lr_table_and_variants_reach_the_configs():
+    profile = grid.load_profile("demo")
+    deep = [c for c in profile.runs("tuning_methods") if c.method_options.get("depth") == "deep"]
+    assert deep and all(c.method == "prompt" and c.lr == profile.lr["prompt"] for c in deep)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('seeds = [0]\nbogus = 1\n', "unknown key(s) bogus"),
+    ('[base]\nmodel = "resnet"\n[[tuning_methods]]\nseed = 0\n', "unknown model 'resnet'"),
+    ('[[tuning_methods]]\nvariant = ["nope"]\n', "unknown variant 'nope'"),
+    ('[[few_shot]]\npartition = "dirichlet:0"\n', "dirichlet alpha must be > 0"),
+])
+def test_bad_profiles_fail_at_load_naming_the_value(tmp_path, text, message):
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grid.load_profile(path)
+
+
+def test_unknown_profile_is_one_line_and_exit_2(capsys):
+    assert main(["grid", "--profile", "nope", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0] and "demo" in err[0] and "paper" in err[0]
+
+
+def _records(folder: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("*.json")}
+
+
+def test_run_all_smoke_executes_every_notebook(tmp_path):
+    """run_all.sh on the smoke profile: runs, every notebook, HTML, figures, index."""
+    env = os.environ | {"FEDTUNE_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([str(ROOT / "run_all.sh"), "--profile", "smoke", "--results-root",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "smoke"
+    assert NOTEBOOKS == list(report.NOTEBOOKS)
+    for name in NOTEBOOKS:
+        page = out / "reports" / f"{name}.html"
+        assert page.stat().st_size > 10_000, name
+        text = page.read_text()
+        assert "Profile: <code>smoke</code>" in text and "its numbers mean nothing" in text
+        assert "Traceback" not in text
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 5_000, name
+    index = (out / "index.html").read_text()
+    assert "not measurable in this profile" in index
+    assert all(f"reports/{n}.html" in index for n in NOTEBOOKS)
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert len(records) == len(grid.load_profile("smoke").runs())
+    assert all(r["status"] == "ok" for r in records)
+
+    before = _records(out)  # a second pass over the grid computes nothing
+    again = subprocess.run([FEDTUNE, "grid", "--profile", "smoke", "--results", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0
+    assert f"{len(before)} cached, 0 to run" in again.stderr
+    assert _records(out) == before
+
+
+def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
+    out = tmp_path / "res"
+    cmd = [FEDTUNE, "grid", "--profile", "smoke", "--results", str(out), "--jobs", "1",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_records(out) if out.exists() else {}) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = _records(out)
+    total = len(grid.load_profile("smoke").runs())
+    assert 2 <= len(finished) < total, "the kill should land mid-grid"
+    for path in (out / "runs").glob("*.json"):
+        assert json.loads(path.read_text())["status"] == "ok"  # no half-written record
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    assert f"{len(finished)} cached, {total - len(finished)} to run" in done.stderr
+    after = _records(out)
+    assert len(after) == total
+    assert {k: after[k] for k in finished} == finished  # finished runs were not redone
+
+
+def _runs(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["dataset", "model", "variant", "seed", "final_test_acc"]
+    frame = pd.DataFrame(rows, columns=cols)
+    frame["family"] = frame["model"].map(report.family)
+    return frame
+
+
+def test_finding_bias_by_hand():
+    strong = [("c10", "clip-vit-b32", v, s, acc + 0.01 * s) for s in (0, 1)
+              for v, acc in (("bias", 0.90), ("full", 0.88), ("head", 0.80))]
+    weak = [("c10", "vit-b16", v, s, 0.5) for s in (0, 1) for v in ("bias", "full", "head")]
+    verdict, evidence = report.finding_bias(_runs(strong + weak))
+    assert verdict == report.SUPPORTED and "strongest model clip-vit-b32" in evidence
+    worse = [(d, m, v, s, a - 0.2 if v == "bias" else a) for d, m, v, s, a in strong]
+    assert report.finding_bias(_runs(worse + weak))[0] == report.NOT_SUPPORTED
+
+
+def test_finding_clip_and_few_shot_by_hand():
+    rows = [("c10", m, v, 0, acc) for v in ("bias", "full", "head")
+            for m, acc in (("clip-vit-b32", 0.9), ("vit-b16", 0.8))]
+    assert report.finding_clip(_runs(rows))[0] == report.SUPPORTED
+    flipped = [(d, m, v, s, 1.7 - a) for d, m, v, s, a in rows]
+    assert report.finding_clip(_runs(flipped))[0] == report.NOT_SUPPORTED
+    shots = _runs([("c10", m, "bias", 0, a) for m, a in
+                   (("clip-vit-b32", 0.7), ("vit-b16", 0.3), ("clip-vit-b32", 0.9),
+                    ("vit-b16", 0.85))])
+    shots["shots"] = [1, 1, 16, 16]
+    verdict, evidence = report.finding_few_shot(shots)
+    assert verdict == report.SUPPORTED and "at K=1: CLIP 0.700 vs ViT 0.300" in evidence
+
+
+def test_finding_fl_by_hand():
+    rows = []
+    for mode, acc, train, local in (("fl", 0.8, 0.85, 0.8), ("local", 0.5, 1.0, 0.6)):
+        for part in ("iid", "dirichlet:0.1"):
+            rows.append({"model": "vit-b16", "variant": "bias", "partition": part,
+                         "dataset": "c10", "mode": mode, "seed": 0, "final_test_acc": acc,
+                         "final_train_acc": train, "final_local_test_acc": local})
+    verdict, evidence = report.finding_fl(pd.DataFrame(rows))
+    assert verdict == report.SUPPORTED
+    assert "2 of 2 settings" in evidence and "gap local 0.400 vs FedAvg 0.050" in evidence
+
+
+def test_untrained_profiles_never_claim_a_finding():
+    profile = grid.load_profile("smoke")
+    table = report.findings(profile, {})
+    assert list(table["finding"]) == ["F1", "F2a", "F2b", "F3"]
+    assert set(table["verdict"]) == {"not measurable in this profile"}
