@@ -73,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune_core import fl, models, results
 
     fl.set_cpu_threads()
+    fl.pick_device(args.device)
     cfg = _config_from(args)
     models.resolve_weights(cfg.model, cfg.weights)
     record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
@@ -117,6 +118,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
     models.check_weights(args.model, args.weights)
     data.check_dataset(args.dataset)
+    fl.pick_device(args.device)
     acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
     print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
     return 0

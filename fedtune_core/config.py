@@ -99,11 +99,12 @@ class RunConfig:
         partition.parse(self.partition)
         check_choice("mode", self.mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("clients", "sample", "rounds", "local_epochs", "batch_size", "eval_every"):
+        for name in ("clients", "sample", "rounds", "local_epochs", "batch_size", "eval_every",
+                     "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
-            check_range(name, value, 1)
+            check_range(name, value, 0 if name == "seed" else 1)
         if self.sample > self.clients:
             raise ConfigError(f"sample must be at most clients ({self.clients}), got {self.sample}")
         if self.lr is not None:

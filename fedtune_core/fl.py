@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fedtune_core import data, models, partition, tuning
 from fedtune_core.config import RunConfig
+from fedtune_core.errors import ConfigError
 
 State = dict[str, torch.Tensor]
 
@@ -32,7 +33,8 @@ def fedavg(updates: Iterable[tuple[State, int]]) -> State:
     one running sum and one client state, not one state per client.
 
     Raises:
-        ValueError: no updates, a non-positive count, or states with different names.
+        ValueError: no updates, a non-positive count, or states with different names or
+            shapes.
     """
     total, acc = 0, None
     for state, n in updates:
@@ -45,6 +47,9 @@ def fedavg(updates: Iterable[tuple[State, int]]) -> State:
             raise ValueError("client states hold different parameter names")
         else:
             for k, v in state.items():
+                if v.shape != acc[k].shape:
+                    raise ValueError(f"client states disagree on the shape of {k!r}: "
+                                     f"{tuple(v.shape)} vs {tuple(acc[k].shape)}")
                 acc[k] += v.detach().float() * n
         total += n
     if acc is None:
@@ -58,10 +63,24 @@ def state_bytes(state: State) -> int:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """``auto``/None: CUDA if available, else CPU."""
+    """``auto``/None: CUDA if available, else CPU; else the named device, checked.
+
+    Raises:
+        ConfigError: an unknown device name, or a CUDA device this machine does not have.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    gpus = torch.cuda.device_count()
+    valid = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if gpus else [])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (
+            dev.type == "cuda" and (dev.index or 0) >= gpus):
+        raise ConfigError(f"unknown or unavailable device {device!r}; valid choices here: "
+                          f"{', '.join(valid)}")
+    return dev
 
 
 def set_cpu_threads() -> int:

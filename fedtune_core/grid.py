@@ -185,6 +185,9 @@ def failed(records: Sequence[dict]) -> list[dict]:
 
 
 def cmd_grid(args) -> int:
+    from fedtune_core.fl import pick_device
+
+    pick_device(args.device)
     profile = load_profile(args.profile)
     results = Path(args.results) if args.results else default_results(profile)
     if args.dry_run:

@@ -57,6 +57,8 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
 
 def _finite(value: Any) -> Any:
     """NaN and infinities become None (strict JSON has no such numbers)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy / torch scalars
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
