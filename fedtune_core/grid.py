@@ -104,22 +104,23 @@ def default_results(profile: Profile) -> Path:
 
 
 def plan(profile: Profile, results: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """Per experiment: (runs needed, of which cached)."""
+    """Per experiment, and for all of them once each: (runs needed, of which cached)."""
     from fedtune_core import results as res
 
-    out = {}
-    for name in profile.experiments:
-        cfgs = profile.runs(name)
-        out[name] = (len(cfgs), sum(res.cached(results, c) is not None for c in cfgs))
+    def count(cfgs: list[RunConfig]) -> tuple[int, int]:
+        return len(cfgs), sum(res.cached(results, c) is not None for c in cfgs)
+
+    out = {name: count(profile.runs(name)) for name in profile.experiments}
+    out["all (unique)"] = count(profile.runs())
     return out
 
 
 def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | None,
-             force: bool) -> dict:
+             force: bool, progress: bool = False) -> dict:
     from fedtune_core import results as res
 
     return res.run(cfg, results, device=device, data_root=data_root, force=force,
-                   record_config_errors=True)
+                   progress=progress, record_config_errors=True)
 
 
 def _init_worker() -> None:
@@ -157,7 +158,7 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
                 bar.update()
     else:
         for cfg in todo:
-            _run_one(cfg, *args)
+            _run_one(cfg, *args, progress=progress)  # with a bar over its rounds
             bar.update()
     bar.close()
     return collect(profile, results, experiment)
@@ -191,13 +192,8 @@ def cmd_grid(args) -> int:
     profile = load_profile(args.profile)
     results = Path(args.results) if args.results else default_results(profile)
     if args.dry_run:
-        counts = plan(profile, results)
-        for name, (total, hit) in counts.items():
+        for name, (total, hit) in plan(profile, results).items():
             print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run")
-        everything = profile.runs()
-        hit = sum(1 for c in everything if _cached(results, c))
-        print(f"{'all (unique)':<16}{len(everything):>6} runs{hit:>6} cached"
-              f"{len(everything) - hit:>6} to run")
         return 0
     records = ensure(profile, results, args.experiment, device=args.device,
                      data_root=args.data_dir, force=args.force,
@@ -220,12 +216,6 @@ def cmd_index(args) -> int:
     by_experiment = {name: collect(profile, folder, name) for name in profile.experiments}
     print(report.write_index(folder, profile, report.findings(profile, by_experiment)))
     return 0
-
-
-def _cached(results: Path, cfg: RunConfig) -> bool:
-    from fedtune_core import results as res
-
-    return res.cached(results, cfg) is not None
 
 
 def add_parser(sub) -> None:
