@@ -197,8 +197,13 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
                      text_head: bool) -> Classifier:
     import open_clip
 
+    # OpenAI's weights were trained with QuickGELU; the tag's config says so. A checkpoint
+    # file or random init follows the backbone's own tag (openai for clip-vit-b32).
+    tag = source if kind == "hub" else spec.pretrained
+    quick = bool(tag and open_clip.get_pretrained_cfg(spec.arch, tag).get("quick_gelu"))
     with _quiet_root_logger(kind == "none"):  # open_clip warns that random init is random
-        clip = open_clip.create_model(spec.arch, pretrained=source if kind != "none" else None)
+        clip = open_clip.create_model(spec.arch, pretrained=source if kind != "none" else None,
+                                      force_quick_gelu=quick)
     clip.eval()
     visual = clip.visual
     head = nn.Linear(visual.output_dim, len(class_names))
