@@ -43,7 +43,7 @@ case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, go
 
 source "$root/scripts/ensure_venv.sh" || exit 1
 bin="$root/.venv/bin"
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONUNBUFFERED=1
 
 # Validate the profile first (one clear line and exit 2 on a bad name) and get its folder.
 name="$("$bin/python" -c 'import sys

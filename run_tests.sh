@@ -5,5 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$root/scripts/ensure_venv.sh"
 cd "$root"
-export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1
 exec "$root/.venv/bin/python" -m pytest "$@"

@@ -147,7 +147,7 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     cfgs = profile.runs(experiment)
     todo = cfgs if force else [c for c in cfgs if res.cached(results, c) is None]
     print(f"{profile.name}/{experiment or 'all'}: {len(cfgs)} runs, "
-          f"{len(cfgs) - len(todo)} cached, {len(todo)} to run", file=sys.stderr)
+          f"{len(cfgs) - len(todo)} cached, {len(todo)} to run", flush=True)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     args = (str(results), device, data_root, force)
     if jobs > 1 and len(todo) > 1:

@@ -10,28 +10,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
-
-if not os.environ.get("MPLBACKEND"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 sns.set_theme(style="whitegrid", context="notebook")
 MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
 
 
-def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> list[Path]:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf``; return the paths."""
+def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> None:
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (a notebook still shows it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.{ext}" for ext in ("png", "pdf")]
-    for path in paths:
-        fig.savefig(path, bbox_inches="tight", dpi=150)
-    return paths
+    for ext in ("png", "pdf"):
+        fig.savefig(folder / f"{name}.{ext}", bbox_inches="tight", dpi=150)
 
 
 def summarise(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:

@@ -106,7 +106,7 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
     again = subprocess.run([FEDTUNE, "grid", "--profile", "smoke", "--results", str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
-    assert f"{len(before)} cached, 0 to run" in again.stderr
+    assert f"{len(before)} cached, 0 to run" in again.stdout
     assert _records(out) == before
 
 
@@ -127,7 +127,7 @@ def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
         assert json.loads(path.read_text())["status"] == "ok"  # no half-written record
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0
-    assert f"{len(finished)} cached, {total - len(finished)} to run" in done.stderr
+    assert f"{len(finished)} cached, {total - len(finished)} to run" in done.stdout
     after = _records(out)
     assert len(after) == total
     assert {k: after[k] for k in finished} == finished  # finished runs were not redone
