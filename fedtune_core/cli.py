@@ -70,12 +70,11 @@ def _config_from(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune_core import fl, models, results
+    from fedtune_core import fl, results
 
     fl.set_cpu_threads()
     fl.pick_device(args.device)
     cfg = _config_from(args)
-    models.resolve_weights(cfg.model, cfg.weights)
     record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
                          progress=not args.quiet, force=args.force)
     print(results.record_path(args.results, cfg))
@@ -87,11 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     from fedtune_core import models, tuning
+    from fedtune_core.config import check_choice
 
     if args.classes < 1:
         raise ConfigError(f"--classes must be at least 1, got {args.classes}")
-    from fedtune_core.config import check_choice
-
     check_choice("model", args.model, models.BACKBONES)
     rows = []
     for method in tuning.METHODS:

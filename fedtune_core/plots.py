@@ -119,6 +119,7 @@ def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
     for key, ax in panels:
         name = key[-1] if isinstance(key, tuple) else key
         ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
         if reference and name in reference:
             line = ax.axhline(reference[name], color="k", ls="--", lw=1, label="zero-shot")
             ax.legend(handles=[line], loc="upper left", fontsize="small")

@@ -95,5 +95,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-# Import the method modules so they register themselves (order = display order).
+# Import the method modules so that they register themselves.
 from fedtune_core.tuning import adapter, bias, full, head, lora, prompt  # noqa: E402, F401
