@@ -86,7 +86,7 @@ def pick_device(device: str | None = None) -> torch.device:
 def set_cpu_threads() -> int:
     """One intra-op thread per run process unless $FEDTUNE_THREADS says otherwise.
 
-    On the 2-core machines we measured, two threads made a tiny model's training step 40x
+    On the 2-core machines we measured, two threads made a tiny model's training step 40-80x
     slower and a ViT-B/16 forward 1.4x slower than one (``benchmarks/threads.py``); CPU
     parallelism comes from running several runs at once (``fedtune grid --jobs``).
     """
