@@ -12,13 +12,12 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError

@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
 
     if not force and (hit := cached(results, cfg)):
         return hit
-    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    started, t0 = datetime.now(UTC), time.perf_counter()
     record: dict[str, Any] = {"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(),
                               "seed": cfg.seed, "started": started.isoformat(timespec="seconds")}
     try:
