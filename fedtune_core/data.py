@@ -167,17 +167,23 @@ _LOADERS = {
 
 
 class Preprocess(nn.Module):
-    """uint8 batch -> float, resized to the model's input size, normalised by its mean/std."""
+    """uint8 batch -> float, resized to the model's input size, normalised by its mean/std.
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
+    ``interpolation`` is the model's own (bicubic for CLIP and ViT), antialiased when
+    shrinking.
+    """
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bicubic"):
         super().__init__()
         self.size = size
+        self.mode = "bicubic" if interpolation == "bicubic" else "bilinear"
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode,
                               align_corners=False, antialias=x.shape[-1] > self.size)
         return (x - self.mean) / self.std

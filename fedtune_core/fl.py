@@ -110,7 +110,8 @@ class Trainer:
                  device: torch.device):
         self.model = model.to(device)
         self.params = {n: p for n, p in model.named_parameters() if n in set(names)}
-        self.pre = data.Preprocess(model.input_size, model.mean, model.std).to(device)
+        self.pre = data.Preprocess(model.input_size, model.mean, model.std,
+                                   model.interpolation).to(device)
         self.cfg = cfg
         self.device = device
         self.amp = device.type == "cuda"

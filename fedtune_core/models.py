@@ -58,12 +58,12 @@ class Classifier(nn.Module):
         width: the token width inside the blocks (what prompts and adapters are sized by).
         prefix_tokens: tokens before the patch tokens (class token, registers).
         normalize: L2-normalise features before the head (CLIP's cosine classifier).
-        input_size, mean, std: the model's own preprocessing.
+        input_size, mean, std, interpolation: the model's own preprocessing.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Linear, *, blocks_path: str, width: int,
                  prefix_tokens: int, normalize: bool, input_size: int, mean: Sequence[float],
-                 std: Sequence[float]):
+                 std: Sequence[float], interpolation: str = "bicubic"):
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -74,6 +74,7 @@ class Classifier(nn.Module):
         self.input_size = input_size
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.interpolation = interpolation
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -190,7 +191,8 @@ def _build_timm(spec: BackboneSpec, class_names: list[str], kind: str, source: s
     cfg = timm.data.resolve_model_data_config(net)
     return Classifier(net, head, blocks_path="blocks", width=net.embed_dim,
                       prefix_tokens=net.num_prefix_tokens, normalize=False,
-                      input_size=net.patch_embed.img_size[-1], mean=cfg["mean"], std=cfg["std"])
+                      input_size=net.patch_embed.img_size[-1], mean=cfg["mean"], std=cfg["std"],
+                      interpolation=cfg["interpolation"])
 
 
 def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, source: str | None,
@@ -219,7 +221,8 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     del clip  # the text tower ran once; it never trains or travels
     return Classifier(visual, head, blocks_path="transformer.resblocks",
                       width=visual.transformer.width, prefix_tokens=1, normalize=True,
-                      input_size=size, mean=pre["mean"], std=pre["std"])
+                      input_size=size, mean=pre["mean"], std=pre["std"],
+                      interpolation=pre.get("interpolation", "bicubic"))
 
 
 @contextlib.contextmanager
