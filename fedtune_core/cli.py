@@ -73,7 +73,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune_core import fl, results
 
     fl.set_cpu_threads()
-    fl.pick_device(args.device)
     cfg = _config_from(args)
     record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
                          progress=not args.quiet, force=args.force)
@@ -112,11 +111,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from fedtune_core import data, fl, models
+    from fedtune_core import fl
 
-    models.check_weights(args.model, args.weights)
-    data.check_dataset(args.dataset)
-    fl.pick_device(args.device)
     acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
     print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
     return 0

@@ -34,6 +34,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device | str) -> Split:
+        """The same split on ``device``."""
+        return Split(self.images.to(device), self.labels.to(device))
+
     def subset(self, index: np.ndarray) -> Split:
         idx = torch.as_tensor(index, dtype=torch.long)
         return Split(self.images[idx], self.labels[idx])

@@ -299,13 +299,11 @@ def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | Non
     For CLIP models the head is built from the text embeddings of the class prompts, so
     this is CLIP's zero-shot accuracy; for ViT it is the accuracy of a random head.
     """
+    cfg = RunConfig(model=model, weights=weights, dataset=dataset, method="head")  # validates
     dev = pick_device(device)
     data_ = data.load(dataset, data_root)
     net = models.build(model, data_.class_names, weights)
-    cfg = RunConfig(model=model, weights=weights, method="head")
-    trainer = Trainer(net, [], cfg, dev)
-    test = data.Split(data_.test.images.to(dev), data_.test.labels.to(dev))
-    return trainer.evaluate(test)[0]
+    return Trainer(net, [], cfg, dev).evaluate(data_.test.to(dev))[0]
 
 
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
@@ -323,8 +321,7 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
     parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
                                     cfg.seed, cfg.local_test_fraction,
                                     num_classes=len(dataset.class_names))
-    train = data.Split(dataset.train.images.to(dev), dataset.train.labels.to(dev))
-    test = data.Split(dataset.test.images.to(dev), dataset.test.labels.to(dev))
+    train, test = dataset.train.to(dev), dataset.test.to(dev)
     pairs = zip(parts.train, parts.test, strict=True)
     clients = [Client(train.subset(a), train.subset(b)) for a, b in pairs]
     trainer = Trainer(model, names, cfg, dev)

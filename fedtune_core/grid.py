@@ -97,9 +97,9 @@ def load_profile(name: str | os.PathLike) -> Profile:
     return profile
 
 
-def default_results(profile: Profile) -> Path:
-    """``results/<profile>`` under the current directory."""
-    return Path("results") / profile.name
+def default_results(profile: Profile, given: str | os.PathLike | None = None) -> Path:
+    """``given`` if set, else ``results/<profile>`` under the current directory."""
+    return Path(given) if given else Path("results") / profile.name
 
 
 def plan(profile: Profile, results: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -120,12 +120,6 @@ def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | 
 
     return res.run(cfg, results, device=device, data_root=data_root, force=force,
                    progress=progress, record_config_errors=True)
-
-
-def _init_worker() -> None:
-    from fedtune_core.fl import set_cpu_threads
-
-    set_cpu_threads()
 
 
 def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None = None, *,
@@ -150,7 +144,7 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     args = (str(results), device, data_root, force)
     if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(jobs, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(jobs, initializer=set_cpu_threads) as pool:
             futures = [pool.submit(_run_one, c, *args) for c in todo]
             for future in as_completed(futures):
                 future.result()
@@ -189,7 +183,7 @@ def cmd_grid(args) -> int:
 
     pick_device(args.device)
     profile = load_profile(args.profile)
-    results = Path(args.results) if args.results else default_results(profile)
+    results = default_results(profile, args.results)
     if args.dry_run:
         for name, (total, hit) in plan(profile, results).items():
             print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run")
@@ -211,7 +205,7 @@ def cmd_index(args) -> int:
     from fedtune_core import report
 
     profile = load_profile(args.profile)
-    folder = Path(args.results) if args.results else default_results(profile)
+    folder = default_results(profile, args.results)
     by_experiment = {name: collect(profile, folder, name) for name in profile.experiments}
     print(report.write_index(folder, profile, report.findings(profile, by_experiment)))
     return 0

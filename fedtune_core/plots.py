@@ -16,7 +16,6 @@ import pandas as pd
 import seaborn as sns
 
 sns.set_theme(style="whitegrid", context="notebook")
-MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
 
 
 def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> None:

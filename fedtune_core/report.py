@@ -17,6 +17,7 @@ from fedtune_core import models, results
 from fedtune_core.grid import Profile
 
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable"
+MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
 NOTEBOOKS = {
     "00_summary": "Summary: the paper's three findings",
     "01_tuning_methods": "Tuning methods compared",
@@ -45,8 +46,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
         frame["setting"] = frame["model"] + " / " + frame["variant"]
-        frame["mode_name"] = frame["mode"].map({"fl": "FedAvg", "local": "local only",
-                                                "central": "centralised"})
+        frame["mode_name"] = frame["mode"].map(MODE_NAMES)
     if not runs.empty:
         runs["communication"] = runs["final_bytes_up"] + runs["final_bytes_down"]
     return runs, rounds
@@ -57,9 +57,11 @@ def family(model: str) -> str:
     return "CLIP" if models.BACKBONES[model].family == "open_clip" else "ViT"
 
 
-def _shots(partition: str) -> float:
-    kind, _, value = partition.partition(":")
-    return float(value) if kind == "fewshot" else float("nan")
+def _shots(spec: str) -> float:
+    from fedtune_core import partition
+
+    parsed = partition.parse(spec)
+    return float(parsed.value) if parsed.kind == "fewshot" else float("nan")
 
 
 def client_class_counts(config: dict, clients: int = 10,
