@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     from fedtune_core import models, tuning
-    from fedtune_core.config import check_choice
+    from fedtune_core.errors import check_choice
 
     if args.classes < 1:
         raise ConfigError(f"--classes must be at least 1, got {args.classes}")

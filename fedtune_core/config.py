@@ -14,31 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, check_choice, check_range, choices
 
 MODES = ("fl", "local", "central")
 OPTIMIZERS = ("sgd", "adamw")
-
-
-def _choices(valid) -> str:
-    return ", ".join(str(v) for v in valid)
-
-
-def check_choice(what: str, value: Any, valid) -> None:
-    """Raise ConfigError unless ``value`` is one of ``valid``."""
-    if value not in valid:
-        raise ConfigError(f"unknown {what} {value!r}; valid choices: {_choices(valid)}")
-
-
-def check_range(what: str, value: float, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> None:
-    """Raise ConfigError unless ``low <(=) value <= high``."""
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"<= {high}"
-        raise ConfigError(f"{what} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
 
 
 class FrozenDict(dict):
@@ -136,7 +115,7 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; "
-                              f"valid fields: {_choices(sorted(known))}")
+                              f"valid fields: {choices(sorted(known))}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> RunConfig:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune_core.config import check_choice
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, check_choice
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CLIP_PROMPT = "a photo of a {}."

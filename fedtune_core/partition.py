@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtune_core.config import check_range
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, check_range
 
 if TYPE_CHECKING:
     import pandas

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedtune_core import models, results
-from fedtune_core.grid import Profile
+from fedtune_core.profile import Profile
 
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable"
 MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}

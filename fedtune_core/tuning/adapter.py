@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedtune_core.config import check_range
-from fedtune_core.tuning import register
+from fedtune_core.errors import check_range
+from fedtune_core.tuning.registry import register
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedtune_core.tuning import register
+from fedtune_core.tuning.registry import register
 
 
 @dataclass(frozen=True)

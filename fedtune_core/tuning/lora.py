@@ -13,8 +13,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import nn
 
-from fedtune_core.config import check_range
-from fedtune_core.tuning import register
+from fedtune_core.errors import check_range
+from fedtune_core.tuning.registry import register
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""The plan of the house: imports flow one way, and every module imports on its own.
+
+The graph holds every ``import`` of a fedtune_core module by another, at module level and
+inside functions alike: a deferred import that climbs back up is still a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fedtune_core"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The fedtune_core modules that module ``name`` imports (anywhere in its body)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}".rstrip(".")
+            # `from pkg import mod` imports the module pkg.mod when there is one
+            subs = {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES}
+            found |= subs or {base}
+    return {m for m in found if m in MODULES and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a path ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [])):
+            return found
+    return None
+
+
+def test_the_cycle_check_finds_a_planted_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    found = _cycle(graph)
+    assert found is not None and found[0] == found[-1] and set(found) == {"a", "b", "c"}
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = _graph()
+    assert "fedtune_core.fl" in graph["fedtune_core.cli"]  # imported inside cmd_run
+    assert "fedtune_core.tuning.registry" in graph["fedtune_core.tuning.bias"]
+
+
+def test_no_module_of_fedtune_core_imports_one_that_imports_it_back():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_ground_floor_imports_nothing_of_ours():
+    graph = _graph()
+    assert graph["fedtune_core.errors"] == set()
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Each module imported alone, before any other of ours: no order is needed."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"import {name}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in MODULES}
+    failures = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode:
+            failures[name] = out.strip().splitlines()[-1:]
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_all_modules_import_in_either_order(order):
+    names = sorted(MODULES, reverse=order == "reversed")
+    code = "; ".join(f"import {n}" for n in names)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
