@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedtune_core import models, results
+from fedtune_core import models, results, verdicts
 from fedtune_core.profile import Profile
 
-SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable"
+NOT_MEASURABLE_HERE = "not measurable in this profile"
 MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
 NOTEBOOKS = {
-    "00_summary": "Summary: the paper's three findings",
+    "00_summary": "Summary: the paper's findings",
     "01_tuning_methods": "Tuning methods compared",
     "02_clip_vs_vit": "CLIP vs ViT",
     "03_few_shot": "Few-shot",
@@ -111,104 +111,23 @@ def _weights(record: dict) -> str:
     return f"pre-trained: {w.get('source')}"
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def _table(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:
-    grouped = runs.groupby(by, sort=False)[value]
-    return grouped.agg(mean="mean", std="std").fillna(0.0).reset_index()
-
-
-def finding_bias(runs: pd.DataFrame) -> tuple[str, str]:
-    """F1: bias tuning is best on the strongest model (mean within one spread of the best)."""
-    if runs.empty or "bias" not in set(runs["variant"]):
-        return NOT_MEASURABLE, "no bias-tuning runs"
-    table = _table(runs, ["dataset", "model", "variant"])
-    verdicts, notes = [], []
-    for dataset, part in table.groupby("dataset", sort=False):
-        strongest = part.groupby("model")["mean"].mean().idxmax()
-        rows = part[part["model"] == strongest].set_index("variant")
-        best = rows["mean"].idxmax()
-        bias = rows.loc["bias"]
-        ok = bias["mean"] >= rows.loc[best, "mean"] - max(bias["std"], rows.loc[best, "std"])
-        verdicts.append(ok)
-        best_row = rows.loc[best]
-        notes.append(f"{dataset}, strongest model {strongest}: bias "
-                     f"{_fmt(bias['mean'], bias['std'])}; best {best} "
-                     f"{_fmt(best_row['mean'], best_row['std'])}")
-    return (SUPPORTED if all(verdicts) else NOT_SUPPORTED), "; ".join(notes)
-
-
-def finding_clip(runs: pd.DataFrame) -> tuple[str, str]:
-    """F2a: CLIP beats ViT: CLIP's mean is higher for most (dataset, method) pairs."""
-    if runs.empty or set(runs["family"]) != {"CLIP", "ViT"}:
-        return NOT_MEASURABLE, "needs runs of both a CLIP and a ViT model"
-    table = _table(runs, ["dataset", "variant", "family"])
-    wide = table.pivot_table(index=["dataset", "variant"], columns="family", values="mean")
-    wins = int((wide["CLIP"] > wide["ViT"]).sum())
-    note = (f"CLIP ahead in {wins} of {len(wide)} (dataset, method) pairs; mean accuracy "
-            f"CLIP {wide['CLIP'].mean():.3f} vs ViT {wide['ViT'].mean():.3f}")
-    return (SUPPORTED if wins > len(wide) / 2 else NOT_SUPPORTED), note
-
-
-def finding_few_shot(runs: pd.DataFrame) -> tuple[str, str]:
-    """F2b: CLIP is more robust few-shot: ahead at the fewest shots and loses less from most."""
-    if runs.empty or set(runs["family"]) != {"CLIP", "ViT"} or runs["shots"].isna().all():
-        return NOT_MEASURABLE, "needs few-shot runs of both a CLIP and a ViT model"
-    table = _table(runs, ["family", "shots"])
-    wide = table.pivot_table(index="shots", columns="family", values="mean").sort_index()
-    low, high = wide.index.min(), wide.index.max()
-    drop = wide.loc[high] - wide.loc[low]
-    ahead = wide.loc[low, "CLIP"] > wide.loc[low, "ViT"]
-    note = (f"at K={low:g}: CLIP {wide.loc[low, 'CLIP']:.3f} vs ViT {wide.loc[low, 'ViT']:.3f}; "
-            f"loss from K={high:g} to K={low:g}: CLIP {drop['CLIP']:.3f}, ViT {drop['ViT']:.3f}")
-    return (SUPPORTED if ahead and drop["CLIP"] <= drop["ViT"] else NOT_SUPPORTED), note
-
-
-def finding_fl(runs: pd.DataFrame) -> tuple[str, str]:
-    """F3: FL beats local training on the global test set in most settings; local over-fits."""
-    fl, local = runs[runs["mode"] == "fl"], runs[runs["mode"] == "local"]
-    if fl.empty or local.empty:
-        return NOT_MEASURABLE, "needs both FedAvg and local-only runs"
-    keys = ["model", "variant", "partition", "dataset"]
-    both = _table(fl, keys).merge(_table(local, keys), on=keys, suffixes=("_fl", "_local"))
-    wins = int((both["mean_fl"] > both["mean_local"]).sum())
-    gap_local = (local["final_train_acc"] - local["final_local_test_acc"]).mean()
-    gap_fl = (fl["final_train_acc"] - fl["final_local_test_acc"]).mean()
-    note = (f"FedAvg ahead on the global test set in {wins} of {len(both)} settings "
-            f"(mean {both['mean_fl'].mean():.3f} vs {both['mean_local'].mean():.3f}); "
-            f"train-test gap local {gap_local:.3f} vs FedAvg {gap_fl:.3f}")
-    return (SUPPORTED if wins > len(both) / 2 else NOT_SUPPORTED), note
-
-
-FINDINGS = (
-    ("F1", "Tuning only the bias terms performs best when the pre-trained model is strong.",
-     "tuning_methods", finding_bias, "01_tuning_methods"),
-    ("F2a", "CLIP outperforms ViT.", "clip_vs_vit", finding_clip, "02_clip_vs_vit"),
-    ("F2b", "CLIP is more robust than ViT in few-shot settings.", "few_shot", finding_few_shot,
-     "03_few_shot"),
-    ("F3", "FL with pre-trained models beats pure local training, which over-fits.",
-     "fl_vs_local", finding_fl, "04_fl_vs_local"),
-)
-
-
 def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]]) -> pd.DataFrame:
-    """The paper's findings with this run's evidence and a verdict.
+    """The paper's findings with this run's evidence and a verdict (see :mod:`verdicts`).
 
     A profile whose models are not pre-trained cannot test claims about pre-trained
     models: its verdicts are 'not measurable in this profile', and the evidence column
     still shows what its runs computed (a check of the pipeline, not of the paper).
     """
     rows = []
-    for key, claim, experiment, test, report_name in FINDINGS:
-        runs, _ = frames(records_by_experiment.get(experiment, []))
-        verdict, evidence = test(runs) if not runs.empty else (NOT_MEASURABLE, "no finished runs")
-        if not profile.pretrained and verdict != NOT_MEASURABLE:
+    for key, claim, experiment, test, report_name in verdicts.FINDINGS:
+        runs, rounds = frames(records_by_experiment.get(experiment, []))
+        verdict, evidence = (test(runs, rounds) if not runs.empty
+                             else (verdicts.NOT_MEASURABLE, "no finished runs"))
+        if not profile.pretrained and verdict != verdicts.NOT_MEASURABLE:
             evidence = f"pipeline check only, untrained models: {evidence}"
-            verdict = NOT_MEASURABLE
-        if verdict == NOT_MEASURABLE:
-            verdict = "not measurable in this profile"
+            verdict = verdicts.NOT_MEASURABLE
+        if verdict == verdicts.NOT_MEASURABLE:
+            verdict = NOT_MEASURABLE_HERE
         rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)

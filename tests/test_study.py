@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from fedtune_core import grid, report
@@ -133,51 +132,8 @@ def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
     assert {k: after[k] for k in finished} == finished  # finished runs were not redone
 
 
-def _runs(rows: list[tuple]) -> pd.DataFrame:
-    cols = ["dataset", "model", "variant", "seed", "final_test_acc"]
-    frame = pd.DataFrame(rows, columns=cols)
-    frame["family"] = frame["model"].map(report.family)
-    return frame
-
-
-def test_finding_bias_by_hand():
-    strong = [("c10", "clip-vit-b32", v, s, acc + 0.01 * s) for s in (0, 1)
-              for v, acc in (("bias", 0.90), ("full", 0.88), ("head", 0.80))]
-    weak = [("c10", "vit-b16", v, s, 0.5) for s in (0, 1) for v in ("bias", "full", "head")]
-    verdict, evidence = report.finding_bias(_runs(strong + weak))
-    assert verdict == report.SUPPORTED and "strongest model clip-vit-b32" in evidence
-    worse = [(d, m, v, s, a - 0.2 if v == "bias" else a) for d, m, v, s, a in strong]
-    assert report.finding_bias(_runs(worse + weak))[0] == report.NOT_SUPPORTED
-
-
-def test_finding_clip_and_few_shot_by_hand():
-    rows = [("c10", m, v, 0, acc) for v in ("bias", "full", "head")
-            for m, acc in (("clip-vit-b32", 0.9), ("vit-b16", 0.8))]
-    assert report.finding_clip(_runs(rows))[0] == report.SUPPORTED
-    flipped = [(d, m, v, s, 1.7 - a) for d, m, v, s, a in rows]
-    assert report.finding_clip(_runs(flipped))[0] == report.NOT_SUPPORTED
-    shots = _runs([("c10", m, "bias", 0, a) for m, a in
-                   (("clip-vit-b32", 0.7), ("vit-b16", 0.3), ("clip-vit-b32", 0.9),
-                    ("vit-b16", 0.85))])
-    shots["shots"] = [1, 1, 16, 16]
-    verdict, evidence = report.finding_few_shot(shots)
-    assert verdict == report.SUPPORTED and "at K=1: CLIP 0.700 vs ViT 0.300" in evidence
-
-
-def test_finding_fl_by_hand():
-    rows = []
-    for mode, acc, train, local in (("fl", 0.8, 0.85, 0.8), ("local", 0.5, 1.0, 0.6)):
-        for part in ("iid", "dirichlet:0.1"):
-            rows.append({"model": "vit-b16", "variant": "bias", "partition": part,
-                         "dataset": "c10", "mode": mode, "seed": 0, "final_test_acc": acc,
-                         "final_train_acc": train, "final_local_test_acc": local})
-    verdict, evidence = report.finding_fl(pd.DataFrame(rows))
-    assert verdict == report.SUPPORTED
-    assert "2 of 2 settings" in evidence and "gap local 0.400 vs FedAvg 0.050" in evidence
-
-
 def test_untrained_profiles_never_claim_a_finding():
     profile = grid.load_profile("smoke")
     table = report.findings(profile, {})
-    assert list(table["finding"]) == ["F1", "F2a", "F2b", "F3"]
+    assert list(table["finding"]) == ["F1", "F2a", "F2b", "F3", "F4"]
     assert set(table["verdict"]) == {"not measurable in this profile"}
