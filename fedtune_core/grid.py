@@ -7,6 +7,7 @@ each record is written the moment its run ends, so an interrupted grid resumes.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from fedtune_core.config import RunConfig
 from fedtune_core.profile import EXPERIMENTS, Profile, load_profile, profiles
+
+log = logging.getLogger(__name__)
 
 
 def default_results(profile: Profile, given: str | os.PathLike | None = None) -> Path:
@@ -49,7 +52,8 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
 
     Cached runs are skipped; the others run (``jobs`` processes at a time), each written
     the moment it ends, so an interrupted grid resumes where it stopped. Failed runs are
-    recorded as failed and the grid goes on.
+    recorded as failed and the grid goes on. The count of runs, cached and to run, is
+    logged (``fedtune grid`` prints it; a notebook's report stays free of it).
     """
     from tqdm import tqdm
 
@@ -59,8 +63,8 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     set_cpu_threads()
     cfgs = profile.runs(experiment)
     todo = cfgs if force else [c for c in cfgs if res.cached(results, c) is None]
-    print(f"{profile.name}/{experiment or 'all'}: {len(cfgs)} runs, "
-          f"{len(cfgs) - len(todo)} cached, {len(todo)} to run", flush=True)
+    log.info("%s/%s: %d runs, %d cached, %d to run", profile.name, experiment or "all",
+             len(cfgs), len(cfgs) - len(todo), len(todo))
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     args = (str(results), device, data_root, force)
     if jobs > 1 and len(todo) > 1:
@@ -104,6 +108,7 @@ def cmd_grid(args) -> int:
     pick_device(args.device)
     profile = load_profile(args.profile)
     results = default_results(profile, args.results)
+    _log_to_stdout()
     if args.dry_run:
         for name, (total, hit) in plan(profile, results).items():
             print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run")
@@ -119,6 +124,21 @@ def cmd_grid(args) -> int:
               file=sys.stderr)
     print(f"{len(records) - len(bad)} ok, {len(bad)} failed; records in {results / 'runs'}")
     return 1 if bad else 0
+
+
+class _Print(logging.Handler):
+    """Prints a log message to the current ``sys.stdout``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+def _log_to_stdout() -> None:
+    """Show fedtune's info messages (the grid's run counts) on stdout."""
+    package = logging.getLogger("fedtune_core")
+    if not any(isinstance(h, _Print) for h in package.handlers):
+        package.addHandler(_Print())
+    package.setLevel(logging.INFO)
 
 
 def cmd_index(args) -> int:
