@@ -7,7 +7,10 @@ shows the mean over seeds with the spread (standard deviation) as error bars or 
 
 from __future__ import annotations
 
+import base64
+import html
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,14 +19,122 @@ import pandas as pd
 import seaborn as sns
 
 sns.set_theme(style="whitegrid", context="notebook")
+DPI = 150  # of the saved PNGs; notebooks show them at 100 pixels per inch
+
+
+@dataclass(frozen=True)
+class FigureInfo:
+    """What a saved figure is, for its report and for ``index.html``."""
+
+    report: str  # the report (notebook) that draws it
+    caption: str  # one line: what to look at
+    alt: str  # what the image shows, for a reader who cannot see it
+
+
+FIGURES: dict[str, FigureInfo] = {
+    "01_accuracy_per_round": FigureInfo(
+        "01_tuning_methods",
+        "Test accuracy per round of every tuning method: which rises fastest, which ends highest.",
+        "Line charts of test accuracy against communication round, one panel per model, one "
+        "line per tuning method, bands for the spread over seeds."),
+    "01_pareto_parameters": FigureInfo(
+        "01_tuning_methods",
+        "Accuracy against trainable parameters: points on the dashed front are not beaten by "
+        "any cheaper method.",
+        "Scatter plot of final test accuracy against trainable parameters on a log axis; colour "
+        "is the tuning method, marker the model, error bars the spread over seeds, a dashed "
+        "line the Pareto front."),
+    "01_pareto_communication": FigureInfo(
+        "01_tuning_methods",
+        "Accuracy against bytes communicated over the run: the cheap methods on the dashed "
+        "front are the ones worth sending.",
+        "Scatter plot of final test accuracy against total bytes communicated on a log axis; "
+        "colour is the tuning method, marker the model, a dashed line the Pareto front."),
+    "02_clip_vs_vit": FigureInfo(
+        "02_clip_vs_vit",
+        "CLIP next to ViT for every tuning method (F2a: CLIP's bars should stand higher); "
+        "dashed: CLIP zero-shot.",
+        "Bar chart of final test accuracy per tuning method, one bar per model, one panel per "
+        "dataset, error bars for the spread over seeds, a dashed line at CLIP's zero-shot "
+        "accuracy."),
+    "03_few_shot": FigureInfo(
+        "03_few_shot",
+        "Accuracy against images per class per client (F2b: the flatter line is the more "
+        "robust model).",
+        "Line chart of final test accuracy against K training images per class per client on "
+        "a log-2 axis; colour is the model, line style the tuning method."),
+    "04_global_test": FigureInfo(
+        "04_fl_vs_local",
+        "FedAvg, local only and centralised on the global test set (F3: FedAvg should stand "
+        "above local only).",
+        "Bar charts of final accuracy on the global test set per data partition, one bar per "
+        "training mode, one panel per model and tuning method."),
+    "04_local_test": FigureInfo(
+        "04_fl_vs_local",
+        "The same on each client's own test split, where a local model meets data like its own.",
+        "Bar charts of final accuracy on the clients' own test splits per data partition, one "
+        "bar per training mode, one panel per model and tuning method."),
+    "04_train_test_gap": FigureInfo(
+        "04_fl_vs_local",
+        "Training minus test accuracy on each client's data: a taller bar over-fits more "
+        "(F3: local only should).",
+        "Bar charts of training accuracy minus test accuracy on the clients' own data per "
+        "partition, one bar per training mode, one panel per model and tuning method."),
+    "04_accuracy_per_round": FigureInfo(
+        "04_fl_vs_local",
+        "Test accuracy per round of FedAvg, local only and centralised, per partition and "
+        "setting.",
+        "Line charts of test accuracy against communication round, one line per training "
+        "mode, one panel per data partition and model / method setting."),
+}
+
+
+def figure_info(name: str) -> FigureInfo:
+    """The entry of ``name`` in :data:`FIGURES`; a clear error naming the known ones."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}: add it to plots.FIGURES (report, caption, "
+                         f"alt text); known figures: {', '.join(FIGURES)}")
+    return FIGURES[name]
 
 
 def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> None:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (a notebook still shows it)."""
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf``; in a notebook, show it.
+
+    ``name`` must be in :data:`FIGURES`. A notebook shows the saved PNG with its caption
+    and alt text (and the figure is closed, so it is not shown a second time without them).
+    """
+    info = figure_info(name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        fig.savefig(folder / f"{name}.{ext}", bbox_inches="tight", dpi=150)
+        fig.savefig(folder / f"{name}.{ext}", bbox_inches="tight", dpi=DPI)
+    if _in_kernel():
+        from IPython.display import display
+
+        png = (folder / f"{name}.png").read_bytes()
+        display({"text/html": figure_html(png, name, info), "text/plain": info.caption},
+                raw=True)
+        plt.close(fig)
+
+
+def figure_html(png: bytes, name: str, info: FigureInfo) -> str:
+    """A ``<figure>`` of a PNG with its alt text and caption, anchored as ``fig-<name>``."""
+    width = int.from_bytes(png[16:20], "big") * 100 // DPI  # the PNG header's width
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{html.escape(name)}" style="margin:1em 0">'
+            f'<img src="data:image/png;base64,{data}" alt="{html.escape(info.alt)}" '
+            f'width="{width}" style="max-width:100%;height:auto">'
+            f'<figcaption style="margin-top:.4em;font-style:italic">'
+            f'{html.escape(info.caption)}</figcaption></figure>')
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (papermill, Jupyter): there ``save`` shows."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def summarise(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:
