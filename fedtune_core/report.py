@@ -5,18 +5,29 @@ Everything here reads run records only (the config inside each record), never fi
 
 from __future__ import annotations
 
-import html
 import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import jinja2
+import mistune
 import pandas as pd
+from markupsafe import Markup
 
-from fedtune_core import models, results, verdicts
+from fedtune_core import models, plots, results, verdicts
 from fedtune_core.profile import Profile
 
 NOT_MEASURABLE_HERE = "not measurable in this profile"
+# A verdict's mark: (symbol, CSS class); shown with the verdict's words, so never by colour alone.
+VERDICT_MARKS: dict[str, tuple[str, str]] = {
+    verdicts.SUPPORTED: ("✔", "supported"),
+    verdicts.NOT_SUPPORTED: ("✘", "not-supported"),
+    verdicts.INCONCLUSIVE: ("≈", "inconclusive"),
+    verdicts.NOT_MEASURABLE: ("–", "not-measurable"),
+    NOT_MEASURABLE_HERE: ("–", "not-measurable"),
+}
+OTHER_MARK = ("•", "other")  # a verdict this table does not know yet
 MODE_NAMES = {"fl": "FedAvg", "local": "local only", "central": "centralised"}
 NOTEBOOKS = {
     "00_summary": "Summary: the paper's findings",
@@ -133,32 +144,84 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
     return pd.DataFrame(rows)
 
 
+def mark(verdict: str) -> tuple[str, str]:
+    """(symbol, CSS class) of a verdict; :data:`OTHER_MARK` for one not in the table."""
+    return VERDICT_MARKS.get(verdict, OTHER_MARK)
+
+
 def findings_markdown(table: pd.DataFrame) -> str:
-    """The findings table as Markdown, each row linking to its report."""
+    """The findings table as Markdown: a mark per verdict, a link per report."""
     lines = ["| finding | claim | verdict | evidence | report |", "|---|---|---|---|---|"]
     for r in table.itertuples():
-        lines.append(f"| {r.finding} | {r.claim} | **{r.verdict}** | {r.evidence} | "
-                     f"[{r.report}]({r.report}.html) |")
+        lines.append(f"| {r.finding} | {r.claim} | **{mark(r.verdict)[0]} {r.verdict}** | "
+                     f"{r.evidence} | [{r.report}]({r.report}.html) |")
     return "\n".join(lines)
 
 
+_MARKDOWN = mistune.create_markdown(escape=True, plugins=["table", "strikethrough"])
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("fedtune_core", "templates"),
+                                autoescape=True, keep_trailing_newline=True)
+
+
+def markdown_html(text: str) -> Markup:
+    """Markdown rendered to HTML (raw HTML in ``text`` is escaped, not passed through)."""
+    return Markup(_MARKDOWN(text))
+
+
 def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame) -> Path:
-    """``<folder>/index.html``: the findings table and links to every report and figure."""
+    """``<folder>/index.html``: the findings with a mark per verdict, every figure, the reports.
+
+    Generic over the rows and columns of ``table`` (:func:`findings`) and over verdict
+    strings (:func:`mark`). Figures are the PNGs in ``<folder>/figures``, shown as
+    thumbnails with their caption from :data:`fedtune_core.plots.FIGURES`, each linking to
+    its full size and to its place in its report. Self-contained: no network needed.
+    """
     folder = Path(folder)
-    links = "".join(f'<li><a href="reports/{n}.html">{html.escape(t)}</a></li>'
-                    for n, t in NOTEBOOKS.items() if (folder / "reports" / f"{n}.html").exists())
-    figures = "".join(f'<li><a href="figures/{p.name}">{p.name}</a></li>'
-                      for p in sorted((folder / "figures").glob("*.png")))
-    shown = table.assign(report=[f'<a href="reports/{r}.html">{r}</a>' for r in table["report"]])
-    body = (f"<h1>fedtune: results of profile <code>{profile.name}</code></h1>"
-            f"<p>{html.escape(profile.description)}</p>"
-            f"<h2>The paper's findings</h2>{shown.to_html(index=False, escape=False)}"
-            f"<h2>Reports</h2><ul>{links}</ul><h2>Figures</h2><ul>{figures}</ul>")
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
-             "text-align:left;vertical-align:top}")
+    reports = [{"name": n, "title": t} for n, t in NOTEBOOKS.items()
+               if (folder / "reports" / f"{n}.html").exists()]
+    page = _TEMPLATES.get_template("index.html.j2").render(
+        profile=profile.name, description=markdown_html(profile.description), reports=reports,
+        columns=list(table.columns), rows=[_cells(row) for row in table.to_dict("records")],
+        tally=_tally(table), rules=markdown_html(verdicts.RULES),
+        figures=_figures(folder, {r["name"] for r in reports}))
     path = folder / "index.html"
-    results.write_text(path, f"<!doctype html><html><head><meta charset='utf-8'>"
-                             f"<title>fedtune {profile.name}</title><style>{style}</style>"
-                             f"</head><body>{body}</body></html>")
+    results.write_text(path, page)
     return path
+
+
+def _cells(row: dict) -> list[tuple[str, Markup]]:
+    """(column, HTML) per cell: the verdict as a mark, the report as a link, text as Markdown."""
+    cells = []
+    for column, value in row.items():
+        if column == "verdict":
+            symbol, css = mark(value)
+            cell = Markup('<span class="verdict v-{}"><span class="mark" aria-hidden="true">{}'
+                          '</span>{}</span>').format(css, symbol, value)
+        elif column == "report":
+            cell = Markup('<a href="reports/{0}.html">{1}</a>').format(
+                value, NOTEBOOKS.get(value, value))
+        else:
+            cell = markdown_html(str(value))
+        cells.append((column, cell))
+    return cells
+
+
+def _tally(table: pd.DataFrame) -> list[dict]:
+    """How many findings got each verdict, in the order verdicts first appear."""
+    counts = Counter(table["verdict"]) if "verdict" in table else Counter()
+    return [{"verdict": v, "count": n, "symbol": mark(v)[0], "css": mark(v)[1]}
+            for v, n in counts.items()]
+
+
+def _figures(folder: Path, reports: set[str]) -> list[dict]:
+    """The saved figures: those of :data:`plots.FIGURES` in its order, then any others."""
+    pngs = {p.stem for p in (folder / "figures").glob("*.png")}
+    names = [n for n in plots.FIGURES if n in pngs] + sorted(pngs - set(plots.FIGURES))
+    out = []
+    for name in names:
+        info = plots.FIGURES.get(name, plots.FigureInfo("", name, f"Figure {name}"))
+        out.append({"name": name, "caption": info.caption, "alt": info.alt,
+                    "pdf": (folder / "figures" / f"{name}.pdf").exists(),
+                    "report": info.report if info.report in reports else "",
+                    "report_title": NOTEBOOKS.get(info.report, info.report)})
+    return out
