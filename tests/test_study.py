@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from bs4 import BeautifulSoup
 
-from fedtune_core import grid, report
+from fedtune_core import grid, plots, report
 from fedtune_core.cli import main
 from fedtune_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDTUNE = str(Path(sys.executable).with_name("fedtune"))
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-FIGURES = ["01_accuracy_per_round", "01_pareto_parameters", "01_pareto_communication",
-           "02_clip_vs_vit", "03_few_shot", "04_global_test", "04_local_test",
-           "04_train_test_gap", "04_accuracy_per_round"]
+FIGURES = list(plots.FIGURES)
 
 
 def test_paper_profile_expands_to_the_expected_runs(capsys):
@@ -83,6 +82,7 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
     done = subprocess.run([str(ROOT / "run_all.sh"), "--profile", "smoke", "--results-root",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Alternative text is missing" not in done.stdout + done.stderr
     out = tmp_path / "smoke"
     assert NOTEBOOKS == list(report.NOTEBOOKS)
     for name in NOTEBOOKS:
@@ -91,12 +91,18 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
         text = page.read_text()
         assert "Profile: <code>smoke</code>" in text and "its numbers mean nothing" in text
         assert "Traceback" not in text
-    for name in FIGURES:
+        assert "cached," not in text  # the grid's progress lines stay out of the reports
+    for name, info in plots.FIGURES.items():
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{name}.{ext}").stat().st_size > 5_000, name
+        page = BeautifulSoup((out / "reports" / f"{info.report}.html").read_text(),
+                             "html.parser")
+        figure = page.select_one(f"figure#fig-{name}")
+        assert figure.img["alt"] == info.alt and figure.figcaption.get_text() == info.caption
     index = (out / "index.html").read_text()
     assert "not measurable in this profile" in index
     assert all(f"reports/{n}.html" in index for n in NOTEBOOKS)
+    assert all(f'<img src="figures/{n}.png"' in index for n in FIGURES)
     records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     assert len(records) == len(grid.load_profile("smoke").runs())
     assert all(r["status"] == "ok" for r in records)
