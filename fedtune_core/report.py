@@ -207,10 +207,12 @@ def _cells(row: dict) -> list[tuple[str, Markup]]:
 
 
 def _tally(table: pd.DataFrame) -> list[dict]:
-    """How many findings got each verdict, in the order verdicts first appear."""
+    """How many findings got each verdict: known verdicts in table order, then the others."""
     counts = Counter(table["verdict"]) if "verdict" in table else Counter()
-    return [{"verdict": v, "count": n, "symbol": mark(v)[0], "css": mark(v)[1]}
-            for v, n in counts.items()]
+    order = list(VERDICT_MARKS)
+    ranked = sorted(counts, key=lambda v: order.index(v) if v in order else len(order))
+    return [{"verdict": v, "count": counts[v], "symbol": mark(v)[0], "css": mark(v)[1]}
+            for v in ranked]
 
 
 def _figures(folder: Path, reports: set[str]) -> list[dict]:
