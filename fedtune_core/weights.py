@@ -121,16 +121,15 @@ def load_file(module: nn.Module, path: str, *, model: str, replaced: tuple[str, 
     """Read checkpoint ``path`` and load it strictly into ``module`` (see :func:`load_strict`).
 
     ``convert`` is the library's own conversion of foreign formats (timm's filter), applied
-    first; a conversion that fails on the file is a checkpoint that does not fit.
+    first; where it fails on the file, the file's keys are compared as they are.
     """
     state = read_checkpoint(path)
     if convert is not None:
         try:
-            state = convert(state)
-        except Exception as err:  # the filter met keys or shapes it does not know
-            raise ConfigError(f"checkpoint file {path!r} does not fit {model}: converting it "
-                              f"failed ({type(err).__name__}); pass a checkpoint of this "
-                              "architecture") from None
+            converted = convert(dict(state))
+        except Exception:  # shapes the filter cannot convert: the comparison below names them
+            converted = state
+        state = converted
     load_strict(module, state, source=path, model=model, replaced=replaced)
 
 
