@@ -190,9 +190,8 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     with store.RunLock(path, wait=wait) as lock:
         if not lock.held:
             return None
-        if lock.waited and not force and (hit := kept(results, cfg, retry_failed=retry_failed,
-                                                      warn=False)):
-            return hit  # the process we waited for has just finished it
+        if not force and (hit := kept(results, cfg, retry_failed=retry_failed, warn=False)):
+            return hit  # another process finished it since we looked (maybe while we waited)
         record = compute(cfg, device=device, data_root=data_root, progress=progress,
                          record_config_errors=record_config_errors)
         write_json(path, record)

@@ -114,8 +114,8 @@ def warn_once(path: str | os.PathLike, why: str) -> None:
 class RunLock:
     """An exclusive lock on one run: ``with RunLock(record_path, wait) as lock``.
 
-    ``lock.held`` is False when another live process holds it and ``wait`` is False;
-    ``lock.waited`` is True when this process had to wait for another one. The lock file
+    ``lock.held`` is False when another live process holds it and ``wait`` is False (with
+    ``wait``, one line on stderr says whom this process waits for). The lock file
     is removed on release, and so are the folders it had to create (if still empty), so a
     run refused before writing its record leaves nothing behind.
     """
@@ -123,7 +123,7 @@ class RunLock:
     def __init__(self, record: str | os.PathLike, wait: bool = True):
         self.path = Path(record).with_suffix(".lock")
         self.wait = wait
-        self.held = self.waited = False
+        self.held = False
         self._fd: int | None = None
         self._created: list[Path] = []
 
@@ -157,7 +157,6 @@ class RunLock:
         print(f"fedtune: run {self.path.stem} is being computed by {owner(fd)}; waiting for it",
               file=sys.stderr, flush=True)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self.waited = True
         return True
 
     def __exit__(self, *exc: object) -> None:
