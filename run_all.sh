@@ -12,10 +12,11 @@ set -uo pipefail
 
 usage() {
     cat <<'USAGE'
-usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--jobs N] [--device DEV]
-                    [--results-root DIR] [--data-dir DIR]
+usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--retry-failed] [--jobs N]
+                    [--device DEV] [--results-root DIR] [--data-dir DIR]
   --profile       demo (default, offline), paper (GPU, weights and CIFAR), smoke, or a .toml file
   --force         recompute every run even if a finished record exists
+  --retry-failed  run diverged runs again too (runs that failed otherwise always are)
   --jobs          runs in parallel processes (default: 1 on GPU, one per core on CPU, max 4)
   --device        auto (default), cpu, cuda, cuda:1 ...
   --results-root  folder holding results/<profile>/ (default: ./results)
@@ -26,17 +27,18 @@ USAGE
 }
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-profile=demo force=() jobs=0 device=auto results_root="$root/results" data_dir=""
+profile=demo rerun=() jobs=0 device=auto results_root="$root/results" data_dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
-        --force) force=(--force); shift ;;
+        --force) rerun+=(--force); shift ;;
+        --retry-failed) rerun+=(--retry-failed); shift ;;
         --jobs) jobs="${2:?--jobs needs a value}"; shift 2 ;;
         --device) device="${2:?--device needs a value}"; shift 2 ;;
         --results-root) results_root="${2:?--results-root needs a value}"; shift 2 ;;
         --data-dir) data_dir="${2:?--data-dir needs a value}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
-        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --jobs, --device, --results-root, --data-dir, --help" >&2; exit 2 ;;
+        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --retry-failed, --jobs, --device, --results-root, --data-dir, --help" >&2; exit 2 ;;
     esac
 done
 case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, got '$jobs'" >&2; exit 2 ;; esac
@@ -65,7 +67,7 @@ export FEDTUNE_DATA_DIR="${data_dir:-${FEDTUNE_DATA_DIR:-$root/data}}"
 
 echo "== 1/3 runs"
 "$bin/fedtune" grid --profile "$profile" --results "$out" --jobs "$jobs" --device "$device" \
-    "${force[@]}" || failures+=("runs (see 'failed:' lines above)")
+    "${rerun[@]}" || failures+=("runs (see 'failed:' lines above)")
 
 echo "== 2/3 notebooks"
 for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do

@@ -1,8 +1,9 @@
 """The ``fedtune`` command: run one configuration, count parameters, run a profile's grid.
 
 Bad input exits with code 2 and one line on stderr naming the bad value and the valid
-choices; nothing is written. A run that fails for another reason is recorded as failed
-and exits with code 1.
+choices; nothing is written. Arguments are checked before torch and the model libraries are
+imported, so such an answer takes well under a second. A run that fails for another reason
+(including a run that diverges) is recorded as failed and exits with code 1.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, check_int
 
+MAX_CLASSES = 100_000  # fedtune params: ImageNet-21k has 21,843
 RUN_FIELDS = ("model", "weights", "method", "dataset", "partition", "clients", "sample",
               "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
               "local_test_fraction", "mode", "eval_every", "seed")
@@ -70,26 +73,35 @@ def _config_from(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedtune_core.checks import check_results_folder
+
+    cfg = _config_from(args)  # validated without torch: bad input answers at once
+    check_results_folder(args.results)
     from fedtune_core import fl, results
 
     fl.set_cpu_threads()
-    cfg = _config_from(args)
+    fl.pick_device(args.device)
+    kept = not args.force and results.kept(args.results, cfg, retry_failed=args.retry_failed,
+                                           warn=False)
     record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
-                         progress=not args.quiet, force=args.force)
+                         progress=not args.quiet, force=args.force,
+                         retry_failed=args.retry_failed)
     print(results.record_path(args.results, cfg))
     if record["status"] != "ok":
-        print(f"fedtune: run failed: {record['error']}", file=sys.stderr)
+        hint = " (recorded earlier: --retry-failed or --force runs it again)" if kept else ""
+        print(f"fedtune: run failed: {record['error']}{hint}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from fedtune_core import models, tuning
+    from fedtune_core import specs
     from fedtune_core.errors import check_choice
 
-    if args.classes < 1:
-        raise ConfigError(f"--classes must be at least 1, got {args.classes}")
-    check_choice("model", args.model, models.BACKBONES)
+    check_int("--classes", args.classes, 1, MAX_CLASSES)
+    check_choice("model", args.model, specs.BACKBONES)
+    from fedtune_core import models, tuning
+
     rows = []
     for method in tuning.METHODS:
         model = models.build(args.model, [str(c) for c in range(args.classes)], "none",
@@ -111,6 +123,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from fedtune_core.config import RunConfig
+
+    RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, method="head")
     from fedtune_core import fl
 
     acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
@@ -128,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")
     run.add_argument("--force", action="store_true", help="run again even if a record exists")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run again a run whose kept record says it diverged")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -155,10 +172,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except ConfigError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fedtune grid --dry-run | head -1`: stop quietly, like cat
+        _mute_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+
+
+def _mute_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -14,10 +14,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune_core.errors import ConfigError, check_choice, check_range, choices
+from fedtune_core.errors import (
+    SEED_MAX,
+    ConfigError,
+    check_choice,
+    check_int,
+    check_range,
+    check_str,
+    choices,
+)
 
 MODES = ("fl", "local", "central")
 OPTIMIZERS = ("sgd", "adamw")
+# integer fields: (lowest, highest). The upper bounds are far beyond any study (the paper:
+# 50 clients, 50 rounds) and keep a typo from allocating terabytes or running for ever.
+INT_BOUNDS = {"clients": (1, 10_000), "sample": (1, 10_000), "rounds": (1, 10_000),
+              "local_epochs": (1, 1_000), "batch_size": (1, 65_536), "eval_every": (1, 10_000),
+              "seed": (0, SEED_MAX)}
 
 
 class FrozenDict(dict):
@@ -43,7 +56,7 @@ class RunConfig:
     the config: the same config gives the same experiment on any machine.
     """
 
-    model: str = "vit-tiny"  # backbone name, see models.BACKBONES
+    model: str = "vit-tiny"  # backbone name, see specs.BACKBONES
     weights: str = "auto"  # auto (the backbone's hub tag), none, a hub tag or a checkpoint file
     method: str = "bias"  # tuning method, see tuning.METHODS
     method_options: Mapping[str, Any] = field(default_factory=dict)  # the method's own knobs
@@ -63,38 +76,44 @@ class RunConfig:
     seed: int = 0  # the one seed for partition, init, client sampling and data order
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method_options, Mapping):
+            raise ConfigError(f"method_options must be a table of the method's options, got "
+                              f"{self.method_options!r}")
         object.__setattr__(self, "method_options", FrozenDict(self.method_options))
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raise ConfigError on the first bad one."""
-        from fedtune_core import data, models, partition, tuning
+        """Check every field; raise ConfigError on the first bad one.
 
-        check_choice("model", self.model, models.BACKBONES)
-        models.check_weights(self.model, self.weights)
+        Cheap: no torch, no data loading (only a hub tag as weights imports its library to
+        list the known tags), so the CLI rejects bad input in milliseconds. What needs the
+        data (does the partition fit?) is checked when the run loads it, before training.
+        """
+        from fedtune_core import checks, partition, specs, tuning
+
+        for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode"):
+            check_str(name, getattr(self, name))
+        check_choice("model", self.model, specs.BACKBONES)
+        specs.check_weights(self.model, self.weights)
         check_choice("tuning method", self.method, tuning.METHODS)
         tuning.method_config(self.method, self.method_options)
-        data.check_dataset(self.dataset)
+        checks.check_dataset(self.dataset)
         partition.parse(self.partition)
         check_choice("mode", self.mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("clients", "sample", "rounds", "local_epochs", "batch_size", "eval_every",
-                     "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-            check_range(name, value, 0 if name == "seed" else 1)
+        for name, (low, high) in INT_BOUNDS.items():
+            check_int(name, getattr(self, name), low, high)
         if self.sample > self.clients:
             raise ConfigError(f"sample must be at most clients ({self.clients}), got {self.sample}")
         if self.lr is not None:
             check_range("lr", self.lr, 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
-        check_range("local_test_fraction", self.local_test_fraction, 0, 0.9)
+        check_range("local_test_fraction", self.local_test_fraction, 0, 0.9, low_open=True)
 
     @property
     def resolved_lr(self) -> float:
         """The learning rate this run uses (explicit, or the method's default)."""
-        from fedtune_core import tuning
+        from fedtune_core import tuning  # light: no torch (see tuning.registry)
 
         return self.lr if self.lr is not None else tuning.default_lr(self.method, self.optimizer)
 

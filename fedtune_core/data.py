@@ -8,6 +8,7 @@ PIL pipeline runs in the training loop.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtune_core.checks import DATASETS, check_dataset  # noqa: F401  (data.check_dataset)
 from fedtune_core.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0  # the train/test split of datasets without one is fixed, whatever the run seed
 
@@ -51,18 +52,6 @@ class Dataset:
     train: Split
     test: Split
     class_names: list[str]
-
-
-def check_dataset(name: str) -> None:
-    """Raise ConfigError unless ``name`` is a known dataset (no loading)."""
-    if name.startswith("imagefolder:"):
-        path = name.split(":", 1)[1]
-        if not Path(path).is_dir():
-            raise ConfigError(f"imagefolder path {path!r} is not a directory; give imagefolder:"
-                              "PATH with one sub-folder per class (or train/ and test/)")
-        return
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -115,9 +104,12 @@ def _cifar(name: str, root: Path) -> Dataset:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    existed = root.exists()
     try:
         parts = [cls(str(root), train=t, download=True) for t in (True, False)]
     except Exception as err:  # offline: torchvision cannot fetch the archive
+        if not existed:  # nothing half-made behind: the folder torchvision created, and
+            shutil.rmtree(root, ignore_errors=True)  # any partial download in it
         raise ConfigError(
             f"could not load {name} from {str(root)!r} ({type(err).__name__}); on a machine "
             f"without internet put torchvision's extracted {name} folder there, or point "
@@ -158,8 +150,18 @@ def _imagefolder(path: str, image_size: int) -> Dataset:
 
 
 def _stack(folder) -> Split:
-    images = torch.stack([img.expand(3, -1, -1) for img, _ in folder])
+    images = torch.stack([_read(folder, i).expand(3, -1, -1) for i in range(len(folder))])
     return Split(images, torch.as_tensor(folder.targets, dtype=torch.long))
+
+
+def _read(folder, index: int) -> torch.Tensor:
+    """Image ``index`` of an ImageFolder; an unreadable one is bad input, named."""
+    try:
+        return folder[index][0]
+    except Exception as err:  # PIL raises many types for broken or foreign files
+        raise ConfigError(f"imagefolder image {folder.samples[index][0]!r} cannot be read "
+                          f"({type(err).__name__}); remove it or replace it with a valid "
+                          "image") from None
 
 
 _LOADERS = {

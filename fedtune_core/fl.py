@@ -8,6 +8,7 @@ Bytes are measured from the tensors that travel.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from fedtune_core import data, models, partition, tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, Diverged
 
 State = dict[str, torch.Tensor]
 
@@ -180,7 +181,11 @@ def _eval_round(cfg: RunConfig, r: int) -> bool:
 
 def _row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, down: int,
          seconds: float, **extra: Any) -> dict[str, Any]:
+    """One round's metrics. Raises :class:`Diverged` if a loss or accuracy is not finite."""
     acc, loss = test if test else (None, None)
+    for what, value in (("train_loss", train_loss), ("test_loss", loss), ("test_acc", acc)):
+        if value is not None and not math.isfinite(value):
+            raise Diverged(r, what, value)
     return {"round": r, "test_acc": acc, "test_loss": loss, "train_loss": train_loss,
             "bytes_up": up, "bytes_down": down, "seconds": seconds, **extra}
 
@@ -312,15 +317,20 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
 
     Everything random derives from ``cfg.seed``: model initialisation, the partition,
     client sampling and data order.
+
+    Raises:
+        ConfigError: input that turns out bad once the data is loaded (a partition that
+            leaves a client without data, unreadable images or weights), before training.
+        Diverged: a loss or an accuracy became non-finite; the round says when.
     """
     dev = pick_device(device)
     dataset = data.load(cfg.dataset, data_root)
+    parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
+                                    cfg.seed, cfg.local_test_fraction,
+                                    num_classes=len(dataset.class_names))  # fits? before building
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, dataset.class_names, cfg.weights)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
-    parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
-                                    cfg.seed, cfg.local_test_fraction,
-                                    num_classes=len(dataset.class_names))
     train, test = dataset.train.to(dev), dataset.test.to(dev)
     pairs = zip(parts.train, parts.test, strict=True)
     clients = [Client(train.subset(a), train.subset(b)) for a, b in pairs]

@@ -25,12 +25,17 @@ def default_results(profile: Profile, given: str | os.PathLike | None = None) ->
     return Path(given) if given else Path("results") / profile.name
 
 
-def plan(profile: Profile, results: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """Per experiment, and for all of them once each: (runs needed, of which cached)."""
+def plan(profile: Profile, results: str | os.PathLike,
+         retry_failed: bool = False) -> dict[str, tuple[int, int]]:
+    """Per experiment, and for all of them once each: (runs needed, of which cached).
+
+    Cached: a record that spares the run (ok, or diverged unless ``retry_failed``).
+    """
     from fedtune_core import results as res
 
     def count(cfgs: list[RunConfig]) -> tuple[int, int]:
-        return len(cfgs), sum(res.cached(results, c) is not None for c in cfgs)
+        return len(cfgs), sum(res.kept(results, c, retry_failed=retry_failed) is not None
+                              for c in cfgs)
 
     out = {name: count(profile.runs(name)) for name in profile.experiments}
     out["all (unique)"] = count(profile.runs())
@@ -38,47 +43,71 @@ def plan(profile: Profile, results: str | os.PathLike) -> dict[str, tuple[int, i
 
 
 def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | None,
-             force: bool, progress: bool = False) -> dict:
+             force: bool, retry_failed: bool, wait: bool, progress: bool = False) -> bool:
+    """Run ``cfg`` (see :func:`fedtune_core.results.run`); False if another process holds it."""
     from fedtune_core import results as res
 
     return res.run(cfg, results, device=device, data_root=data_root, force=force,
-                   progress=progress, record_config_errors=True)
+                   retry_failed=retry_failed, progress=progress, record_config_errors=True,
+                   wait=wait) is not None
 
 
 def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None = None, *,
            device: str | None = None, data_root: str | None = None, force: bool = False,
-           jobs: int = 1, progress: bool = True) -> list[dict]:
+           retry_failed: bool = False, jobs: int = 1, progress: bool = True) -> list[dict]:
     """Make sure every run of ``experiment`` (or all) has a record; return the records.
 
-    Cached runs are skipped; the others run (``jobs`` processes at a time), each written
-    the moment it ends, so an interrupted grid resumes where it stopped. Failed runs are
-    recorded as failed and the grid goes on. The count of runs, cached and to run, is
+    Cached runs are skipped (and diverged ones unless ``retry_failed``); the others are
+    first checked (:func:`fedtune_core.preflight.check`: one line if one cannot start), then
+    run (``jobs`` processes at a time), each written the moment it ends, so an interrupted
+    grid resumes where it stopped. Failed runs are recorded as failed and the grid goes on.
+    A run that another process (another grid on this folder) is computing is skipped at
+    first, then waited for, and its record used. The count of runs, cached and to run, is
     logged (``fedtune grid`` prints it; a notebook's report stays free of it).
     """
     from tqdm import tqdm
 
+    from fedtune_core import preflight, store
     from fedtune_core import results as res
     from fedtune_core.fl import set_cpu_threads
 
     set_cpu_threads()
+    store.clean_stale(Path(results, "runs"))
     cfgs = profile.runs(experiment)
-    todo = cfgs if force else [c for c in cfgs if res.cached(results, c) is None]
+    todo = cfgs if force else [c for c in cfgs
+                               if res.kept(results, c, retry_failed=retry_failed) is None]
     log.info("%s/%s: %d runs, %d cached, %d to run", profile.name, experiment or "all",
              len(cfgs), len(cfgs) - len(todo), len(todo))
+    preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
-    args = (str(results), device, data_root, force)
-    if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(jobs, initializer=set_cpu_threads) as pool:
-            futures = [pool.submit(_run_one, c, *args) for c in todo]
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
-    else:
-        for cfg in todo:
-            _run_one(cfg, *args, progress=progress)  # with a bar over its rounds
-            bar.update()
+    args = (str(results), device, data_root, force, retry_failed)
+    busy = _run_all(todo, args, jobs, progress, bar, wait=False)
+    _run_all(busy, args, jobs, progress, bar, wait=True)  # those other processes were running
     bar.close()
     return collect(profile, results, experiment)
+
+
+def _run_all(cfgs: list[RunConfig], args: tuple, jobs: int, progress: bool, bar,
+             wait: bool) -> list[RunConfig]:
+    """Run ``cfgs``; return those skipped because another process holds them."""
+    from fedtune_core.fl import set_cpu_threads
+
+    busy = []
+    if jobs > 1 and len(cfgs) > 1:
+        with ProcessPoolExecutor(jobs, initializer=set_cpu_threads) as pool:
+            futures = {pool.submit(_run_one, c, *args, wait): c for c in cfgs}
+            for future in as_completed(futures):
+                if future.result():
+                    bar.update()
+                else:
+                    busy.append(futures[future])
+    else:
+        for cfg in cfgs:
+            if _run_one(cfg, *args, wait, progress=progress):  # with a bar over its rounds
+                bar.update()
+            else:
+                busy.append(cfg)
+    return busy
 
 
 def collect(profile: Profile, results: str | os.PathLike,
@@ -103,18 +132,21 @@ def failed(records: Sequence[dict]) -> list[dict]:
 
 
 def cmd_grid(args) -> int:
-    from fedtune_core.fl import pick_device
+    from fedtune_core.checks import check_results_folder
 
-    pick_device(args.device)
     profile = load_profile(args.profile)
     results = default_results(profile, args.results)
     _log_to_stdout()
     if args.dry_run:
-        for name, (total, hit) in plan(profile, results).items():
+        for name, (total, hit) in plan(profile, results, args.retry_failed).items():
             print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run")
         return 0
+    check_results_folder(results)
+    from fedtune_core.fl import pick_device  # torch: only once the arguments are checked
+
+    pick_device(args.device)
     records = ensure(profile, results, args.experiment, device=args.device,
-                     data_root=args.data_dir, force=args.force,
+                     data_root=args.data_dir, force=args.force, retry_failed=args.retry_failed,
                      jobs=args.jobs or default_jobs(args.device),
                      progress=not args.quiet)
     bad = failed(records)
@@ -122,7 +154,10 @@ def cmd_grid(args) -> int:
         print(f"failed: {rec['hash']} ({rec['config']['model']}, {rec['config']['method']}, "
               f"{rec['config']['partition']}, {rec['config']['mode']}): {rec['error']}",
               file=sys.stderr)
-    print(f"{len(records) - len(bad)} ok, {len(bad)} failed; records in {results / 'runs'}")
+    kept = sum(rec.get("failure") == "diverged" for rec in bad)
+    note = f" ({kept} diverged, kept: --retry-failed runs them again)" if kept else ""
+    print(f"{len(records) - len(bad)} ok, {len(bad)} failed{note}; records in "
+          f"{results / 'runs'}")
     return 1 if bad else 0
 
 
@@ -151,6 +186,20 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _jobs(text: str) -> int:
+    """``--jobs``: a whole number from 0 (automatic) to 256."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 (automatic) to 256, "
+                                         f"got {text!r}")
+    return value
+
+
 def add_parser(sub) -> None:
     """Attach ``fedtune grid`` to the CLI's sub-parsers."""
     p = sub.add_parser("grid", help="run (or --dry-run: count) every run a profile needs")
@@ -159,7 +208,9 @@ def add_parser(sub) -> None:
     p.add_argument("--results", default=None, help="results folder (default results/<profile>)")
     p.add_argument("--dry-run", action="store_true", help="list runs needed, cached, to run")
     p.add_argument("--force", action="store_true", help="recompute cached runs")
-    p.add_argument("--jobs", type=int, default=0,
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run diverged runs again too (other failed runs always are)")
+    p.add_argument("--jobs", type=_jobs, default=0,
                    help="runs in parallel processes (default 0: 1 on GPU, one per core on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")

@@ -10,41 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune_core.errors import ConfigError, check_choice
+from fedtune_core import weights as wts
+from fedtune_core.errors import ConfigError
+from fedtune_core.specs import (  # noqa: F401  (re-exported: models.BACKBONES etc.)
+    BACKBONES,
+    CHECKPOINT_SUFFIXES,
+    BackboneSpec,
+    check_weights,
+    hub_tags,
+    resolve_weights,
+)
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CLIP_PROMPT = "a photo of a {}."
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A named backbone: which library builds it, from which architecture, with which weights."""
-
-    family: str  # "open_clip" or "timm"
-    arch: str  # open_clip model name or timm model name
-    pretrained: str | None  # hub tag used by weights="auto"; None: no pre-trained weights exist
-    kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (timm)
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "clip-vit-b32": BackboneSpec("open_clip", "ViT-B-32", "openai"),
-    "clip-vit-b16": BackboneSpec("open_clip", "ViT-B-16", "openai"),
-    "vit-b16": BackboneSpec("timm", "vit_base_patch16_224", "augreg_in21k"),
-    "vit-b32": BackboneSpec("timm", "vit_base_patch32_224", "augreg_in21k"),
-    "clip-tiny": BackboneSpec("open_clip", "fedtune-clip-tiny", None),
-    "vit-tiny": BackboneSpec("timm", "vit_tiny_patch16_224", None,
-                             dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
-}
 
 
 class Classifier(nn.Module):
@@ -89,66 +73,11 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def check_weights(model: str, weights: str) -> None:
-    """Validate a weights value without touching the network."""
-    check_choice("model", model, BACKBONES)
-    spec = BACKBONES[model]
-    if weights in ("auto", "none"):
-        return
-    if _looks_like_path(weights):
-        if not Path(weights).is_file():
-            raise ConfigError(f"checkpoint file {weights!r} does not exist; pass --weights with "
-                              "an existing local checkpoint file, a hub tag, auto or none")
-        return
-    tags = hub_tags(spec)
-    check_choice(f"hub tag for {model}", weights, tags + ["auto", "none", "a checkpoint file"])
-
-
-def hub_tags(spec: BackboneSpec) -> list[str]:
-    """The pre-trained tags the library knows for this architecture (no download)."""
-    if spec.family == "open_clip":
-        import open_clip
-
-        return list(open_clip.list_pretrained_tags_by_model(spec.arch))
-    import timm
-
-    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.arch}.*")]
-
-
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith(CHECKPOINT_SUFFIXES) or Path(weights).exists()
-
-
-def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
-    """Turn a weights value into ``(kind, source)``: ('none', None), ('file', path), ('hub', tag).
-
-    ``auto`` takes ``$FEDTUNE_WEIGHTS_DIR/<model>.<suffix>`` if such a file exists, else
-    the backbone's hub tag, else (tiny variants) no weights.
-    """
-    check_weights(model, weights)
-    spec = BACKBONES[model]
-    if weights == "auto":
-        folder = os.environ.get("FEDTUNE_WEIGHTS_DIR")
-        for suffix in CHECKPOINT_SUFFIXES if folder else ():
-            path = Path(folder, model + suffix)
-            if path.is_file():
-                return "file", str(path)
-        return ("hub", spec.pretrained) if spec.pretrained else ("none", None)
-    if weights == "none":
-        return "none", None
-    if _looks_like_path(weights):
-        return "file", weights
-    return "hub", weights
-
-
 def _weights_error(model: str, kind: str, source: str, err: Exception) -> ConfigError:
     if kind == "file":
         return ConfigError(f"cannot read checkpoint file {source!r} for {model}: "
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    return ConfigError(
-        f"could not get pre-trained weights {source!r} for {model} (no internet?): "
-        f"{type(err).__name__}; download them where there is internet and pass "
-        f"--weights /path/to/checkpoint, or put the file at $FEDTUNE_WEIGHTS_DIR/{model}.pt")
+    return wts.hub_error(model, source, err)
 
 
 def build(model: str, class_names: Sequence[str], weights: str = "auto",
@@ -168,6 +97,8 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
     kind, source = resolve_weights(model, weights)
     spec = BACKBONES[model]
     builder = _BUILDERS[spec.family]
+    if kind == "hub":
+        wts.prepare_hub()  # one probe; offline: the local cache or an error at once
     try:
         return builder(spec, list(class_names), kind, source, text_head)
     except ConfigError:
@@ -183,9 +114,11 @@ def _build_timm(spec: BackboneSpec, class_names: list[str], kind: str, source: s
     import timm
 
     name = f"{spec.arch}.{source}" if kind == "hub" else spec.arch
-    extra = {"pretrained_cfg_overlay": {"file": source}} if kind == "file" else {}
-    net = timm.create_model(name, pretrained=kind != "none", num_classes=len(class_names),
-                            **spec.kwargs, **extra)
+    net = timm.create_model(name, pretrained=kind == "hub", num_classes=len(class_names),
+                            **spec.kwargs)
+    if kind == "file":  # strict: only the classifier (for other classes) is replaced
+        wts.load_file(net, source, model=_name_of(spec), replaced=(_classifier(net) + ".",),
+                      convert=wts.library_filter(net))
     head, net.head = net.head, nn.Identity()
     cfg = timm.data.resolve_model_data_config(net)
     return Classifier(net, head, blocks_path="blocks", width=net.embed_dim,
@@ -202,9 +135,11 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     # file or random init follows the backbone's own tag (openai for clip-vit-b32).
     tag = source if kind == "hub" else spec.pretrained
     quick = bool(tag and open_clip.get_pretrained_cfg(spec.arch, tag).get("quick_gelu"))
-    with _quiet_root_logger(kind == "none"):  # open_clip warns that random init is random
-        clip = open_clip.create_model(spec.arch, pretrained=source if kind != "none" else None,
+    with _quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
+        clip = open_clip.create_model(spec.arch, pretrained=source if kind == "hub" else None,
                                       force_quick_gelu=quick)
+    if kind == "file":  # the full model, strictly (the text tower builds the head)
+        wts.load_file(clip, source, model=_name_of(spec))
     clip.eval()
     visual = clip.visual
     head = nn.Linear(visual.output_dim, len(class_names))
@@ -224,12 +159,22 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
                       interpolation=pre.get("interpolation", "bicubic"))
 
 
+def _classifier(net: nn.Module) -> str:
+    """The name of a timm model's classifier module (``head`` for ViT)."""
+    return net.pretrained_cfg.get("classifier") or "head"
+
+
+def _name_of(spec: BackboneSpec) -> str:
+    """The backbone name of ``spec``."""
+    return next(name for name, s in BACKBONES.items() if s is spec)
+
+
 @contextlib.contextmanager
 def _quiet_root_logger(quiet: bool):
     root = logging.getLogger()
     level = root.level
     if quiet:
-        root.setLevel(logging.ERROR)
+        root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

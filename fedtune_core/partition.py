@@ -169,12 +169,23 @@ def split_clients(labels: np.ndarray, spec: str | PartitionSpec, clients: int, s
         split = {"iid": _iid, "dirichlet": _dirichlet, "shards": _shards}[spec.kind]
         shares = split(labels, spec.value, clients, num_classes, rng)
         train, test = zip(*(_local_split(s, local_test_fraction, rng) for s in shares), strict=True)
-    for i, t in enumerate(train):
-        if len(t) == 0:
-            raise ConfigError(f"partition {spec} with {clients} clients leaves client {i} without "
-                              f"training samples ({len(labels)} in all); use fewer clients")
+    _check_every_client_has_data(spec, clients, len(labels), train, test)
     return ClientSplit(train=[np.sort(t).astype(np.int64) for t in train],
                        test=[np.sort(t).astype(np.int64) for t in test])
+
+
+def _check_every_client_has_data(spec: PartitionSpec, clients: int, total: int, train: Idx,
+                                 test: Idx) -> None:
+    """Every client needs a training sample and a test sample (its local test accuracy)."""
+    for side, parts in (("training", train), ("test", test)):
+        empty = [i for i, t in enumerate(parts) if len(t) == 0]
+        if empty:
+            hint = ("a smaller K" if spec.kind == "fewshot"
+                    else "a larger local_test_fraction" if side == "test" else "another partition")
+            raise ConfigError(f"partition {spec} with {clients} clients leaves client {empty[0]} "
+                              f"(and {len(empty) - 1} more) without {side} samples ({total} "
+                              f"training samples in all; every client needs one to train and "
+                              f"one to test on); use fewer clients or {hint}")
 
 
 def count_table(labels: np.ndarray, parts: list[np.ndarray],

@@ -5,11 +5,16 @@ A profile is one TOML file (``fedtune_core/profiles/<name>.toml``, or any path):
 of blocks per experiment. A block's list values are axes (their product is taken, then
 crossed with the seeds); its scalar values are fixed settings. Experiments that need the
 same configuration share its run through the cache.
+
+A profile with a TOML error, a value of the wrong type or an unknown key is refused with one
+line naming the file, the key and what is expected (:func:`check_schema`), and so is any
+run configuration it expands to, before anything runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import SEED_MAX, ConfigError, check_choice
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 EXPERIMENTS = ("tuning_methods", "clip_vs_vit", "few_shot", "fl_vs_local")
@@ -49,8 +54,12 @@ class Profile:
             if name not in self.experiments:
                 raise ConfigError(f"unknown experiment {name!r} in profile {self.name!r}; "
                                   f"valid choices: {', '.join(self.experiments)}")
-            for block in self.experiments[name]:
-                for cfg in self._expand(block):
+            for i, block in enumerate(self.experiments[name], start=1):
+                try:
+                    cfgs = self._expand(block)
+                except ConfigError as err:
+                    raise ConfigError(f"[[{name}]] block {i}: {err}") from None
+                for cfg in cfgs:
                     seen.setdefault(cfg.hash, cfg)
         return list(seen.values())
 
@@ -74,21 +83,127 @@ class Profile:
 
 
 def load_profile(name: str | os.PathLike) -> Profile:
-    """Load a shipped profile by name, or a profile file by path."""
+    """Load a shipped profile by name, or a profile file by path.
+
+    Raises:
+        ConfigError: an unknown name, a file that is not valid TOML or not a profile
+            (:func:`check_schema`), or a run configuration it expands to that is not valid;
+            one line naming the file.
+    """
     path = Path(name)
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown profile {str(name)!r}; valid choices: "
                           f"{', '.join(profiles())}, or a path to a .toml profile file")
-    raw = tomllib.loads(path.read_text())
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"profile {path} cannot be read ({type(err).__name__})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"profile {path} is not valid TOML: {err}") from None
+    check_schema(raw, path)
     experiments = {k: raw.pop(k) for k in list(raw) if k in EXPERIMENTS}
-    known = {"description", "pretrained", "seeds", "base", "lr", "variants"}
-    if unknown := sorted(set(raw) - known):
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in profile {path}; valid keys: "
-                          f"{', '.join(sorted(known | set(EXPERIMENTS)))}")
-    profile = Profile(path.stem, raw.get("description", ""), bool(raw.get("pretrained", True)),
+    profile = Profile(path.stem, raw.get("description", ""), raw.get("pretrained", True),
                       tuple(raw.get("seeds", [0])), raw.get("base", {}), raw.get("lr", {}),
                       raw.get("variants", {}), experiments)
-    profile.runs()  # validate every configuration now, not halfway through a grid
+    try:
+        profile.runs()  # validate every configuration now, not halfway through a grid
+    except ConfigError as err:
+        raise ConfigError(f"profile {path}: {err}") from None
     return profile
+
+
+def check_schema(raw: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ConfigError (naming the file, the key and what is expected) unless ``raw``,
+    a parsed TOML file, has a profile's shape: the keys of :data:`SCHEMA` and experiments.
+
+    Each key has one small check (``SCHEMA``): it returns False when the value is fine,
+    True when it has the wrong type (the message says what is expected), or a message.
+    """
+    known = set(SCHEMA) | set(EXPERIMENTS)
+    if unknown := sorted(set(raw) - known):
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in profile {path}; valid keys: "
+                          f"{', '.join(sorted(known))}")
+    for key, value in raw.items():
+        check, expected = SCHEMA.get(key, (_blocks, f"a list of blocks ([[{key}]] tables)"))
+        problem = check(value)
+        if problem is True:
+            problem = f"{key} must be {expected}, got {value!r}"
+        if problem:
+            raise ConfigError(f"profile {path}: {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _seeds(value: Any) -> bool | str:
+    ok = (isinstance(value, list) and value
+          and all(_is_int(v) and 0 <= v <= SEED_MAX for v in value))
+    return not ok
+
+
+def _table(value: Any) -> bool | str:
+    return not isinstance(value, dict)
+
+
+def _lr_table(value: Any) -> bool | str:
+    """``[lr]``: tuning method = its learning rate (one small check per entry)."""
+    if not isinstance(value, dict):
+        return True
+    for method, lr in value.items():
+        if problem := check_lr(method, lr):
+            return problem
+    return False
+
+
+def check_lr(method: str, lr: Any) -> str | None:
+    """What is wrong with the ``[lr]`` entry ``method = lr`` (None: nothing)."""
+    from fedtune_core import tuning
+
+    try:
+        check_choice("tuning method", method, tuning.METHODS)
+    except ConfigError as err:
+        return f"lr.{method}: {err}"
+    if not _is_number(lr) or lr <= 0:
+        return f"lr.{method} must be a learning rate (a finite number > 0), got {lr!r}"
+    return None
+
+
+def _variants(value: Any) -> bool | str:
+    """``[variants]``: name = a table of run settings, e.g. ``{ method = "prompt" }``."""
+    if not isinstance(value, dict):
+        return True
+    for name, settings in value.items():
+        if not isinstance(settings, dict):
+            return (f"variants.{name} must be a table of run settings such as "
+                    f'{{ method = "{name}" }}, got {settings!r}')
+    return False
+
+
+def _blocks(value: Any) -> bool | str:
+    if not isinstance(value, list) or not value or not all(isinstance(b, dict) for b in value):
+        return True
+    for block in value:
+        for key, axis in block.items():
+            if isinstance(axis, list) and not axis:
+                return (f"{key} = [] in a block: an axis needs at least one value (an empty "
+                        "one gives no runs)")
+    return False
+
+
+# key: (check returning False if fine, True or a message if not; what is expected)
+SCHEMA = {
+    "description": (lambda v: not isinstance(v, str), "a string"),
+    "pretrained": (lambda v: not isinstance(v, bool), "true or false"),
+    "seeds": (_seeds, f"a non-empty list of integers from 0 to {SEED_MAX}"),
+    "base": (_table, "a table of run settings ([base])"),
+    "lr": (_lr_table, "a table of tuning method = learning rate ([lr])"),
+    "variants": (_variants, "a table of name = { run settings } ([variants])"),
+}

@@ -107,10 +107,25 @@ def header(profile: Profile, records: Sequence[dict]) -> str:
              f"| dataset | {', '.join(datasets) or '-'} |",
              f"| seeds | {len(seeds)} ({', '.join(map(str, seeds))}) |",
              f"| runs | {len(ok)} finished" + (f", **{bad} failed**" if bad else "") + " |",
+             *([f"| failed runs (in no figure, table or verdict) | {failed_runs(records)} |"]
+               if bad else []),
              f"| versions | {', '.join(f'{k} {v}' for k, v in versions.items() if v)} |",
              f"| commit | {', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or '-'} |",
              f"| hardware | {', '.join(f'{d} ({n} runs)' for d, n in devices.items()) or '-'} |"]
     return "\n".join(lines)
+
+
+def failed_runs(records: Sequence[dict], shown: int = 10) -> str:
+    """The failed runs among ``records``, one short phrase each (their error included)."""
+    bad = [r for r in records if r.get("status") != "ok"]
+    phrases = []
+    for r in bad[:shown]:
+        c = r["config"]
+        setting = f"{c['model']} / {results.method_label(c)}, {c['partition']}, {c['mode']}"
+        phrases.append(f"`{r['hash']}` ({setting}, seed {c['seed']}): "
+                       f"{(r.get('error') or 'unknown error').splitlines()[0]}")
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    return "; ".join(phrases).replace("|", "\\|") + more
 
 
 def _weights(record: dict) -> str:
@@ -139,6 +154,9 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
             verdict = verdicts.NOT_MEASURABLE
         if verdict == verdicts.NOT_MEASURABLE:
             verdict = NOT_MEASURABLE_HERE
+        bad = sum(r.get("status") != "ok" for r in records_by_experiment.get(experiment, []))
+        if bad:
+            evidence = f"{evidence} ({bad} failed run(s) left out, see the report)"
         rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)

@@ -2,8 +2,12 @@
 
 A record lives at ``<results>/runs/<config hash>.json``. It is written once, complete,
 through a temporary file and an atomic rename, so a crash or a kill never leaves a
-half-written record. A record with status ``ok`` is a cache hit; a ``failed`` one is run
-again on the next call.
+half-written record; it is computed under a per-run lock, so two grids on one folder never
+compute it twice. A record with status ``ok`` is a cache hit. A ``failed`` one is run again
+on the next call, except a diverged run (``failure: "diverged"``): that is deterministic,
+the same config diverges again, so it is kept unless ``retry_failed`` or ``force``. A
+record that does not validate (:func:`fedtune_core.store.problem`) is reported once and
+counts as missing.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedtune_core import store
 from fedtune_core.config import RunConfig
+from fedtune_core.errors import Diverged
 
-SCHEMA = 1
+SCHEMA = store.SCHEMA
 PACKAGES = ("fedtune", "torch", "torchvision", "timm", "open_clip_torch", "peft", "numpy",
             "scikit-learn")
 
@@ -38,9 +44,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file atomically: a temporary file in the same folder, fsync, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=store.tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # what open() would give (0644 usually)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -48,6 +55,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -74,18 +87,54 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def read_record(path: str | os.PathLike) -> dict | None:
-    """The record at ``path``, or None if it is missing or unreadable."""
+def read_record(path: str | os.PathLike, warn: bool = True) -> dict | None:
+    """The valid record at ``path``, or None if it is missing or not a valid record.
+
+    An invalid one (unreadable JSON, or not the schema: :func:`fedtune_core.store.problem`)
+    is named in one warning line on stderr, once per process, unless ``warn`` is False.
+    """
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        text = Path(path).read_text()
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as err:
+        why = f"it cannot be read ({getattr(err, 'strerror', None) or type(err).__name__})"
+    else:
+        try:
+            record = json.loads(text)
+        except ValueError:
+            why = "it is not valid JSON (empty or truncated?)"
+        else:
+            if (why := store.problem(record, path)) is None:
+                return record
+    if warn:
+        store.warn_once(path, why)
+    return None
 
 
-def cached(results: str | os.PathLike, cfg: RunConfig) -> dict | None:
+def cached(results: str | os.PathLike, cfg: RunConfig, warn: bool = True) -> dict | None:
     """The finished (status ok) record of ``cfg``, if there is one."""
-    rec = read_record(record_path(results, cfg))
-    return rec if rec and rec.get("status") == "ok" and rec.get("schema") == SCHEMA else None
+    rec = read_record(record_path(results, cfg), warn)
+    return rec if rec and rec["status"] == "ok" else None
+
+
+def kept(results: str | os.PathLike, cfg: RunConfig, *, retry_failed: bool = False,
+         warn: bool = True) -> dict | None:
+    """The record that makes running ``cfg`` again needless, if there is one.
+
+    That is an ok record, or a diverged one (deterministic: the same config would diverge
+    again) unless ``retry_failed``. Other failures (an exception, a killed worker: the
+    environment's fault, maybe passing) are always run again.
+    """
+    rec = read_record(record_path(results, cfg), warn)
+    if rec is None or rec["status"] == "ok":
+        return rec
+    return rec if diverged(rec) and not retry_failed else None
+
+
+def diverged(record: dict) -> bool:
+    """Whether ``record`` is a run that diverged."""
+    return record.get("status") == "failed" and record.get("failure") == "diverged"
 
 
 def environment() -> dict[str, Any]:
@@ -123,23 +172,44 @@ def git_state() -> dict[str, Any]:
 
 def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None,
         data_root: str | None = None, progress: bool = False, force: bool = False,
-        record_config_errors: bool = False) -> dict:
-    """Run ``cfg`` unless a finished record exists; write and return its record.
+        retry_failed: bool = False, record_config_errors: bool = False,
+        wait: bool = True) -> dict | None:
+    """Run ``cfg`` unless a record makes it needless (:func:`kept`); write and return its record.
 
-    A run that raises is recorded as ``failed`` with its error and the exception is not
-    propagated, so a grid goes on. Bad input (:class:`ConfigError`, e.g. weights that
+    The run is computed under its lock: if another process holds it, this one waits for
+    it and then uses that process's record (or, with ``wait=False``, returns None at once).
+    A run that raises is recorded as ``failed`` with its error (``failure``: ``diverged``
+    or ``error``) and the exception is not propagated, so a grid goes on. Bad input
+    (:class:`ConfigError`, e.g. a partition that does not fit the data, or weights that
     cannot be read) is re-raised without writing anything unless ``record_config_errors``.
     """
+    store.clean_stale(Path(results, "runs"))
+    if not force and (hit := kept(results, cfg, retry_failed=retry_failed)):
+        return hit
+    path = record_path(results, cfg)
+    with store.RunLock(path, wait=wait) as lock:
+        if not lock.held:
+            return None
+        if not force and (hit := kept(results, cfg, retry_failed=retry_failed, warn=False)):
+            return hit  # another process finished it since we looked (maybe while we waited)
+        record = compute(cfg, device=device, data_root=data_root, progress=progress,
+                         record_config_errors=record_config_errors)
+        write_json(path, record)
+    return record
+
+
+def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None = None,
+            progress: bool = False, record_config_errors: bool = False) -> dict:
+    """Run ``cfg`` and return its record, writing nothing (see :func:`run`)."""
     from fedtune_core import fl
     from fedtune_core.errors import ConfigError
 
-    if not force and (hit := cached(results, cfg)):
-        return hit
     started, t0 = datetime.now(UTC), time.perf_counter()
     record: dict[str, Any] = {"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(),
                               "seed": cfg.seed, "started": started.isoformat(timespec="seconds")}
     try:
         out = fl.execute(cfg, device=device, data_root=data_root, progress=progress)
+        _check_finite(out.rows, out.final)
     except ConfigError as err:
         if not record_config_errors:
             raise
@@ -147,24 +217,37 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     except Exception as err:  # recorded, so the rest of a grid goes on
         record |= _failure(err)
     else:
-        record |= {"status": "ok", "error": None, "rounds": out.rows, "final": out.final,
-                   "params": {"trainable": out.trainable, "total": out.total},
+        record |= {"status": "ok", "error": None, "failure": None, "rounds": out.rows,
+                   "final": out.final, "params": {"trainable": out.trainable, "total": out.total},
                    "state_bytes": out.state_bytes,
                    "weights": {"kind": out.weights[0], "source": out.weights[1]},
                    "device": out.device}
-    record |= environment() | {"wall_seconds": time.perf_counter() - t0}
-    write_json(record_path(results, cfg), record)
-    return record
+    return record | environment() | {"wall_seconds": time.perf_counter() - t0}
+
+
+def _check_finite(rows: list[dict], final: dict) -> None:
+    """Raise :class:`Diverged` at the first non-finite metric (a safety net under the loop)."""
+    last = rows[-1]["round"] if rows else 0
+    for row in [*rows, final]:
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Diverged(row.get("round", last), key, value)
 
 
 def _failure(err: BaseException) -> dict[str, Any]:
     tail = "".join(traceback.format_exception(err)[-3:])
-    return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": tail,
-            "rounds": [], "final": {}}
+    out = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": tail,
+           "failure": "error", "rounds": [], "final": {}}
+    if isinstance(err, Diverged):
+        out |= {"error": str(err), "failure": "diverged", "diverged_round": err.round}
+    return out
 
 
 def load_records(results: str | os.PathLike, status: str | None = "ok") -> list[dict]:
-    """Every readable record under ``<results>/runs`` (only ``status`` ones unless None)."""
+    """Every valid record under ``<results>/runs`` (only ``status`` ones unless None).
+
+    Invalid ones are skipped, each named once in a warning line.
+    """
     records = (read_record(p) for p in sorted(Path(results, "runs").glob("*.json")))
     return [r for r in records if r and (status is None or r.get("status") == status)]
 

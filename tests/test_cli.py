@@ -94,7 +94,7 @@ BAD = [
     (["--partition", "fewshot:100"], ["fewshot:100"]),
     (["--clients", "3", "--sample", "4"], ["sample", "4"]),
     (["--rounds", "0"], ["rounds", "0"]),
-    (["--weights", "GARBAGE"], ["cannot read checkpoint", "x.pt"]),
+    (["--weights", "GARBAGE"], ["not a checkpoint", "x.pt"]),
     (["--weights", "MISSING"], ["does not exist", "nowhere.pth"]),
     (["--lora-rank", "4"], ["--lora-rank", "'lora'", "'bias'"]),
     (["--prompt-depth", "middle", "--method", "prompt"], ["'middle'", "valid choices"]),

@@ -102,12 +102,21 @@ def test_local_test_fraction():
     split = split_clients(LABELS, "iid", clients=10, seed=0, local_test_fraction=0.2)
     assert [len(t) for t in split.test] == [20] * 10
     assert [len(t) for t in split.train] == [80] * 10
-    none = split_clients(LABELS, "iid", clients=10, seed=0, local_test_fraction=0.0)
-    assert all(len(t) == 0 for t in none.test) and all(len(t) == 100 for t in none.train)
     tiny = split_clients(np.arange(20) % 2, "iid", clients=10, seed=0, local_test_fraction=0.1)
     assert [len(t) for t in tiny.test] == [1] * 10  # round(0.2) = 0, but at least 1 test
-    ones = split_clients(np.arange(5), "iid", clients=5, seed=0, local_test_fraction=0.9)
-    assert [len(t) for t in ones.train] == [1] * 5  # a single sample always goes to train
+    assert [len(t) for t in tiny.train] == [1] * 10
+
+
+@pytest.mark.parametrize("labels, kind, clients, fraction, side", [
+    (LABELS, "iid", 10, 0.0, "test"),  # no local test split at all
+    (np.arange(5), "iid", 5, 0.9, "test"),  # one sample each: it trains, nothing to test on
+    (np.arange(1437) % 10, "iid", 1000, 0.2, "test"),  # digits' pool, 1000 clients
+    (np.arange(3), "iid", 5, 0.2, "training"),  # more clients than samples
+])
+def test_every_client_needs_a_train_and_a_test_sample(labels, kind, clients, fraction, side):
+    with pytest.raises(ConfigError, match=f"without {side} samples") as info:
+        split_clients(labels, kind, clients=clients, seed=0, local_test_fraction=fraction)
+    assert f"{clients} clients" in str(info.value) and "fewer clients" in str(info.value)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -160,7 +169,12 @@ def test_shards_too_many_clients():
         split_clients(labels, "shards:1", clients=30, seed=0)
 
 
-@pytest.mark.parametrize("k", [1, 4, 9, 10])
+def test_fewshot_leaving_no_test_images_is_refused():
+    with pytest.raises(ConfigError, match="without test samples.*smaller K"):
+        split_clients(LABELS, "fewshot:10", clients=10, seed=0)  # all 1000 images train
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
 def test_fewshot_k_per_class(k):
     split = split_clients(LABELS, f"fewshot:{k}", clients=10, seed=0, local_test_fraction=0.9)
     _assert_disjoint(split)

@@ -136,6 +136,8 @@ def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
     after = _records(out)
     assert len(after) == total
     assert {k: after[k] for k in finished} == finished  # finished runs were not redone
+    leftovers = [p.name for p in (out / "runs").iterdir() if p.suffix != ".json"]
+    assert leftovers == [], "the killed grid's temp and lock files are gone"
 
 
 def test_untrained_profiles_never_claim_a_finding():

@@ -1,10 +1,14 @@
 """Bias-only tuning (BitFit): every bias term of the image encoder, plus the head."""
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedtune_core.tuning.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """Head-only tuning (linear probing): the lower bound of the backbone family."""
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedtune_core.tuning.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,18 @@ for-like comparison the timm ViT gets the same two projections: fused ``qkv`` an
 ``B`` is zero-initialised, so outputs are unchanged at initialisation.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from torch import nn
-
-from fedtune_core.errors import check_range
+from fedtune_core.errors import check_int, check_range
 from fedtune_core.tuning.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MAX_RANK = 4096
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the LoRA input
 
     def __post_init__(self) -> None:
-        check_range("lora rank", self.rank, 1)
+        check_int("lora rank", self.rank, 1, MAX_RANK)
         check_range("lora alpha", self.alpha, 0, low_open=True)
         check_range("lora dropout", self.dropout, 0, 0.9)
 
 
 def attention_targets(model: nn.Module) -> list[str]:
     """Full names of the modules LoRA adapts: each block's attention projections."""
+    from torch import nn
+
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -45,6 +51,9 @@ def attention_targets(model: nn.Module) -> list[str]:
 @register("lora", LoraConfig, lr={"sgd": 0.05, "adamw": 1e-3})
 def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Inject LoRA into the attention of every block; train the low-rank factors."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
     targets = attention_targets(model)
     if not targets:
         raise ValueError("LoRA found no attention projection to adapt in this model")

@@ -1,6 +1,8 @@
 """The registry of tuning methods: register, look up, apply, count.
 
-Imports nothing of the method modules; they import :func:`register` from here.
+Imports nothing of the method modules; they import :func:`register` from here. Imports no
+torch either (nor do the method modules at import time), so the CLI can list methods and
+check their options without loading the heavy libraries.
 """
 
 from __future__ import annotations
@@ -8,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedtune_core.errors import ConfigError, check_choice
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""Backbone specs as plain data, and what a weights value means: no torch, no download.
+
+A backbone name maps to a :class:`BackboneSpec` (which library builds it, from which
+architecture, with which weights by default). This module imports no heavy library, so
+the CLI checks a model name or a weights value in milliseconds; :mod:`fedtune_core.models`
+builds the networks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune_core.errors import ConfigError, check_choice
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A named backbone: which library builds it, from which architecture, with which weights."""
+
+    family: str  # "open_clip" or "timm"
+    arch: str  # open_clip model name or timm model name
+    pretrained: str | None  # hub tag used by weights="auto"; None: no pre-trained weights exist
+    kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (timm)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "clip-vit-b32": BackboneSpec("open_clip", "ViT-B-32", "openai"),
+    "clip-vit-b16": BackboneSpec("open_clip", "ViT-B-16", "openai"),
+    "vit-b16": BackboneSpec("timm", "vit_base_patch16_224", "augreg_in21k"),
+    "vit-b32": BackboneSpec("timm", "vit_base_patch32_224", "augreg_in21k"),
+    "clip-tiny": BackboneSpec("open_clip", "fedtune-clip-tiny", None),
+    "vit-tiny": BackboneSpec("timm", "vit_tiny_patch16_224", None,
+                             dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+}
+
+
+def check_weights(model: str, weights: str) -> None:
+    """Validate a weights value without touching the network.
+
+    Only a hub tag (neither auto, none nor a file) imports the backbone's library, to list
+    the tags it knows.
+    """
+    check_choice("model", model, BACKBONES)
+    if not isinstance(weights, str) or not weights:
+        raise ConfigError(f"weights must be auto, none, a hub tag or a checkpoint file, "
+                          f"got {weights!r}")
+    spec = BACKBONES[model]
+    if weights in ("auto", "none"):
+        return
+    if _looks_like_path(weights):
+        if not Path(weights).is_file():
+            raise ConfigError(f"checkpoint file {weights!r} does not exist; pass --weights with "
+                              "an existing local checkpoint file, a hub tag, auto or none")
+        return
+    tags = hub_tags(spec)
+    check_choice(f"hub tag for {model}", weights, tags + ["auto", "none", "a checkpoint file"])
+
+
+def hub_tags(spec: BackboneSpec) -> list[str]:
+    """The pre-trained tags the library knows for this architecture (no download)."""
+    if spec.family == "open_clip":
+        import open_clip
+
+        return list(open_clip.list_pretrained_tags_by_model(spec.arch))
+    import timm
+
+    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.arch}.*")]
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith(CHECKPOINT_SUFFIXES) or Path(weights).exists()
+
+
+def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
+    """Turn a weights value into ``(kind, source)``: ('none', None), ('file', path), ('hub', tag).
+
+    ``auto`` takes ``$FEDTUNE_WEIGHTS_DIR/<model>.<suffix>`` if such a file exists, else
+    the backbone's hub tag, else (tiny variants) no weights.
+    """
+    check_weights(model, weights)
+    spec = BACKBONES[model]
+    if weights == "auto":
+        folder = os.environ.get("FEDTUNE_WEIGHTS_DIR")
+        for suffix in CHECKPOINT_SUFFIXES if folder else ():
+            path = Path(folder, model + suffix)
+            if path.is_file():
+                return "file", str(path)
+        return ("hub", spec.pretrained) if spec.pretrained else ("none", None)
+    if weights == "none":
+        return "none", None
+    if _looks_like_path(weights):
+        return "file", weights
+    return "hub", weights
