@@ -202,3 +202,17 @@ def test_digits_dataset():
     assert len(ds.train) + len(ds.test) == 1797
     assert set(ds.test.labels.tolist()) == set(range(10))
     assert ds.train.images.max() == 255  # 0..16 scaled to 0..255
+
+
+def test_preprocess_clamps_the_bicubic_overshoot_before_normalising():
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    images[..., :, 4:] = 255  # a sharp vertical edge: bicubic rings on both sides of it
+    raw = torch.nn.functional.interpolate(images.float(), size=(32, 32), mode="bicubic",
+                                          align_corners=False)
+    assert raw.min() < -1 and raw.max() > 256, "the test image must overshoot"
+    out = data.Preprocess(32, MEAN, STD)(images)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (raw.clamp(0, 255) / 255 - mean) / std, atol=1e-5, rtol=0)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
