@@ -37,8 +37,8 @@ TRAINABLE = {
     "lora": lambda n: _head(n) or ".lora_" in n,
 }
 
-# methods that add zero-initialised modules: the model is unchanged at initialisation
-IDENTITY_AT_INIT = ["adapter", "lora"]
+# methods (and options) that add zero-initialised modules: the model is unchanged at init
+IDENTITY_AT_INIT = [("adapter", {}), ("adapter", {"input": "mlp"}), ("lora", {})]
 
 
 def _build(model: str) -> models.Classifier:
@@ -132,13 +132,13 @@ def test_gradients_reach_exactly_the_trainable_parameters(method, model_name):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("method", IDENTITY_AT_INIT)
-def test_identity_at_initialisation(method, model_name):
+@pytest.mark.parametrize("method, options", IDENTITY_AT_INIT)
+def test_identity_at_initialisation(method, options, model_name):
     model = _build(model_name).eval()
     x, _ = _batch(model)
     with torch.no_grad():
         before = model(x)
-    names = tuning.prepare(model, method)
+    names = tuning.prepare(model, method, options)
     model.eval()
     with torch.no_grad():
         after = model(x)
@@ -190,6 +190,51 @@ def test_lora_rank_scales_the_count(model_name):
     rank4 = _body_count(model_name, "lora", {"rank": 4})
     assert rank4 > 0
     assert rank8 == 2 * rank4  # A (r x in) and B (out x r): linear in r
+
+
+def _block_parts(block):
+    """(attention branch, MLP norm) of a timm or an open_clip block, called without hooks."""
+    if hasattr(block, "norm2"):  # timm: x + ls1(attn(norm1(x)))
+        return (lambda x: block.ls1(block.attn(block.norm1(x)))), block.norm2.forward
+    return (lambda x: block.ls_1(block.attention(block.ln_1(x)))), block.ln_2.forward
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("where", ["residual", "mlp"])
+def test_adapter_reads_the_tensor_its_option_names(model_name, where):
+    """AdaptFormer's input is the stream after attention, before norm2; 'mlp' is norm2's output.
+
+    Each block's output is checked against a hand computation:
+    ``x' + mlp(norm2(x')) + adapter(a)`` with ``x' = x + attn(norm1(x))`` and ``a`` the input
+    the option names.
+    """
+    model = _build(model_name).eval()
+    tuning.prepare(model, "adapter", {"input": where})
+    seen: dict[str, list] = {"in": [], "out": [], "adapter": []}
+
+    def record(block, args, out):
+        seen["in"].append(args[0])
+        seen["out"].append(out)
+
+    for block in model.blocks:
+        block.register_forward_hook(record)
+        block.adapter.register_forward_pre_hook(lambda m, args: seen["adapter"].append(args[0]))
+        torch.nn.init.normal_(block.adapter.up.weight, std=0.1)  # a non-zero adapter output
+    x, _ = _batch(model)
+    with torch.no_grad():
+        model(x)
+        assert len(seen["adapter"]) == len(model.blocks) == len(seen["in"])
+        for i, block in enumerate(model.blocks):
+            attention, norm2 = _block_parts(block)
+            entering = seen["in"][i]
+            after_attention = entering + attention(entering)
+            source = after_attention if where == "residual" else norm2(after_attention)
+            other = norm2(after_attention) if where == "residual" else after_attention
+            torch.testing.assert_close(seen["adapter"][i], source, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(seen["adapter"][i], other, atol=1e-3)
+            by_hand = (after_attention + block.mlp.forward(norm2(after_attention))
+                       + block.adapter.forward(source))
+            torch.testing.assert_close(seen["out"][i], by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_adapter_width_option():

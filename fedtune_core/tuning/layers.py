@@ -9,9 +9,16 @@ import math
 import torch
 from torch import nn
 
+MLP_NORMS = ("norm2", "ln_2")  # timm, open_clip: the norm in front of each block's MLP
+
 
 class Adapter(nn.Module):
-    """Bottleneck ``dim -> width -> dim``; zero output at initialisation."""
+    """Bottleneck ``dim -> width -> dim``; zero output at initialisation.
+
+    Added to an MLP's output by a forward hook: :meth:`add_from_mlp_input` (the MLP's input)
+    or :meth:`add_from_residual` (the tensor :meth:`remember`, a pre-hook on the MLP's norm,
+    kept: the residual stream).
+    """
 
     def __init__(self, dim: int, width: int, scale: float):
         super().__init__()
@@ -22,18 +29,33 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self._source: torch.Tensor | None = None  # residual input, set just before the MLP runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(torch.relu(self.down(x))) * self.scale
 
+    def remember(self, norm: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on ``norm2``: keep the residual stream it is about to normalise."""
+        self._source = args[0]
 
-def parallel(adapter: Adapter):
-    """A forward hook on an MLP that adds ``adapter`` of the MLP's input to its output."""
+    def add_from_mlp_input(self, mlp: nn.Module, args: tuple, output: torch.Tensor):
+        """Forward hook on the MLP, ``mlp`` input variant: ``mlp(h) + adapter(h)``."""
+        return output + self(args[0])
 
-    def hook(mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + adapter(args[0])
+    def add_from_residual(self, mlp: nn.Module, args: tuple, output: torch.Tensor):
+        """Forward hook on the MLP, ``residual`` variant: ``mlp(norm2(x')) + adapter(x')``."""
+        source, self._source = self._source, None
+        if source is None:
+            raise RuntimeError("adapter: the MLP ran without its norm2 first")
+        return output + self(source)
 
-    return hook
+
+def mlp_norm(block: nn.Module) -> nn.Module:
+    """The norm in front of ``block``'s MLP (timm ``norm2``, open_clip ``ln_2``)."""
+    for name in MLP_NORMS:
+        if isinstance(norm := getattr(block, name, None), nn.Module):
+            return norm
+    raise ValueError(f"adapter: block {type(block).__name__} has none of {', '.join(MLP_NORMS)}")
 
 
 class VisualPrompt(nn.Module):
