@@ -68,8 +68,8 @@ class VisualPrompt(nn.Module):
         self.tokens = tokens
         self.prefix = prefix
 
-    def insert(self, block: nn.Module, args: tuple, kwargs: dict):
-        """Before the first block: splice the prompts in after the prefix tokens."""
+    def insert(self, norm: nn.Module, args: tuple, kwargs: dict):
+        """Before the encoder's pre-norm: splice the prompts in after the prefix tokens."""
         x = args[0]
         p = self.embeddings[0].to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, : self.prefix], p, x[:, self.prefix:]], dim=1)
@@ -89,6 +89,18 @@ class VisualPrompt(nn.Module):
     def drop(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """After the last block: remove the prompt positions."""
         return torch.cat([output[:, : self.prefix], output[:, self.prefix + self.tokens:]], dim=1)
+
+
+ENTRY_NORMS = ("ln_pre", "norm_pre")  # open_clip, timm: the norm the embedded tokens enter
+
+
+def entry_norm(encoder: nn.Module) -> nn.Module:
+    """The norm the embedded token sequence enters before the blocks (``ln_pre``/``norm_pre``)."""
+    for name in ENTRY_NORMS:
+        if isinstance(norm := getattr(encoder, name, None), nn.Module):
+            return norm
+    raise ValueError(f"prompt: encoder {type(encoder).__name__} has none of "
+                     f"{', '.join(ENTRY_NORMS)}")
 
 
 def patch_dim(encoder: nn.Module) -> int:
