@@ -20,7 +20,7 @@ from fedtune_core.errors import ConfigError, check_int
 MAX_CLASSES = 100_000  # fedtune params: ImageNet-21k has 21,843
 RUN_FIELDS = ("model", "weights", "method", "dataset", "partition", "clients", "sample",
               "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
-              "local_test_fraction", "mode", "eval_every", "seed")
+              "local_test_fraction", "val_fraction", "mode", "eval_every", "seed")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +47,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     types = {"clients": int, "sample": int, "rounds": int, "local_epochs": int, "batch_size": int,
              "eval_every": int, "seed": int, "lr": float, "weight_decay": float,
-             "local_test_fraction": float}
+             "local_test_fraction": float, "val_fraction": float}
     for name in RUN_FIELDS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str),
                        default=defaults[name], help=f"default: {defaults[name]}")

@@ -54,6 +54,12 @@ class RunConfig:
 
     Where and how fast it runs (device, data directory, progress bars) is not part of
     the config: the same config gives the same experiment on any machine.
+
+    ``val_fraction > 0`` makes a validation run (a learning-rate sweep's): that share of
+    each client's training split is held out as its validation split, every evaluation
+    is on the validation splits (their union stands in for the global test set), the
+    test sets are never evaluated, and every metric is named ``val_*`` instead of
+    ``test_*``.
     """
 
     model: str = "vit-tiny"  # backbone name, see specs.BACKBONES
@@ -71,6 +77,7 @@ class RunConfig:
     lr: float | None = None  # learning rate; None takes the method's default for the optimizer
     weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd
     local_test_fraction: float = 0.2  # share of each client's data kept as its own test split
+    val_fraction: float = 0.0  # > 0: a learning-rate sweep run, see below
     mode: str = "fl"  # fl (FedAvg), local (each client alone), central (all data pooled)
     eval_every: int = 1  # evaluate on the global test set every this many rounds (and the last)
     seed: int = 0  # the one seed for partition, init, client sampling and data order
@@ -109,6 +116,7 @@ class RunConfig:
             check_range("lr", self.lr, 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("local_test_fraction", self.local_test_fraction, 0, 0.9, low_open=True)
+        check_range("val_fraction", self.val_fraction, 0, 0.9)
 
     @property
     def resolved_lr(self) -> float:

@@ -144,11 +144,18 @@ class Trainer:
         ``seed`` (e.g. run seed, round, client) fixes the data order.
         """
         rng = np.random.default_rng(list(seed))
+        return self.train_on(split, [rng.permutation(len(split)) for _ in range(epochs)])
+
+    def train_on(self, split: data.Split, passes: list[np.ndarray]) -> float:
+        """Train on ``split`` in the given sample order with a fresh optimizer; mean loss.
+
+        Each array of ``passes`` (indices into ``split``) is cut into mini-batches on its own.
+        """
         opt, bs = self._optimizer(), self.cfg.batch_size
         self.model.train()
         losses = []
-        for _ in range(epochs):
-            order = torch.as_tensor(rng.permutation(len(split)), device=self.device)
+        for indices in passes:
+            order = torch.as_tensor(indices, device=self.device)
             for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
                 loss = F.cross_entropy(self._logits(split.images[idx]), split.labels[idx])
@@ -179,6 +186,17 @@ def _eval_round(cfg: RunConfig, r: int) -> bool:
     return r % cfg.eval_every == 0 or r == cfg.rounds
 
 
+def schedule(cfg: RunConfig) -> list[np.ndarray]:
+    """The clients FedAvg's seeded sampler picks in each round (sorted ids, one array a round).
+
+    Every mode follows it, so the local and centralised baselines of a config do the same
+    work as its FedAvg run: a local client trains in exactly the rounds FedAvg picks it.
+    """
+    sampler = np.random.default_rng([cfg.seed, 1])
+    return [np.sort(sampler.choice(cfg.clients, cfg.sample, replace=False))
+            for _ in range(cfg.rounds)]
+
+
 def _row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, down: int,
          seconds: float, **extra: Any) -> dict[str, Any]:
     """One round's metrics. Raises :class:`Diverged` if a loss or accuracy is not finite."""
@@ -198,19 +216,25 @@ def _client_updates(cfg: RunConfig, trainer: Trainer, state: State, chosen: list
         log["loss"].append(trainer.fit(client.train, cfg.local_epochs, (cfg.seed, r, int(c))))
         update = trainer.state()
         log["bytes"].append(state_bytes(update))
+        log["samples"][c] += cfg.local_epochs * len(client.train)
         yield update, len(client.train)
+
+
+def _samples(per_client: np.ndarray) -> dict[str, Any]:
+    return {"samples_processed": int(per_client.sum()),
+            "samples_per_client": [int(n) for n in per_client]}
 
 
 def run_fl(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
            progress: bool) -> tuple[list[dict], dict]:
     """FedAvg: K of N clients per round, E local epochs each, sample-weighted averaging."""
     state = trainer.state()
-    sampler = np.random.default_rng([cfg.seed, 1])
+    samples = np.zeros(len(clients), dtype=np.int64)
     rows = []
-    for r in tqdm(range(1, cfg.rounds + 1), desc="rounds", leave=False, disable=not progress):
+    for r, chosen in enumerate(tqdm(schedule(cfg), desc="rounds", leave=False,
+                                    disable=not progress), start=1):
         t0 = time.perf_counter()
-        chosen = np.sort(sampler.choice(cfg.clients, cfg.sample, replace=False))
-        log: dict[str, list] = {"loss": [], "bytes": []}
+        log: dict[str, Any] = {"loss": [], "bytes": [], "samples": samples}
         down = cfg.sample * state_bytes(state)
         state = fedavg(_client_updates(cfg, trainer, state, [clients[c] for c in chosen],
                                        chosen, r, log))
@@ -218,41 +242,69 @@ def run_fl(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.S
         evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
         rows.append(_row(r, evaluated, float(np.mean(log["loss"])), sum(log["bytes"]), down,
                          time.perf_counter() - t0))
-    return rows, _final_shared(trainer, clients, rows)
+    return rows, _final_shared(trainer, clients, rows) | _samples(samples)
 
 
 def run_central(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
                 progress: bool) -> tuple[list[dict], dict]:
-    """Upper bound: all clients' training data pooled, the same rounds x local epochs."""
+    """All clients' training data pooled, compute-matched to FedAvg.
+
+    In each round the pooled model processes as many samples as FedAvg's sampled clients
+    do in that round (E x their training samples), drawn from a stream of shuffled passes
+    over the pooled data (a fresh permutation whenever one runs out).
+    """
     pooled = data.Split(torch.cat([c.train.images for c in clients]),
                         torch.cat([c.train.labels for c in clients]))
+    owner = np.repeat(np.arange(len(clients)), [len(c.train) for c in clients])
+    stream = _shuffled_stream(len(pooled), np.random.default_rng([cfg.seed, 3]))
+    samples = np.zeros(len(clients), dtype=np.int64)
     rows = []
-    for r in tqdm(range(1, cfg.rounds + 1), desc="rounds", leave=False, disable=not progress):
+    for r, chosen in enumerate(tqdm(schedule(cfg), desc="rounds", leave=False,
+                                    disable=not progress), start=1):
         t0 = time.perf_counter()
-        loss = trainer.fit(pooled, cfg.local_epochs, (cfg.seed, r, len(clients)))
+        count = cfg.local_epochs * sum(len(clients[c].train) for c in chosen)
+        order = np.fromiter(stream, dtype=np.int64, count=count)
+        loss = trainer.train_on(pooled, [order])
+        samples += np.bincount(owner[order], minlength=len(clients))
         evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
         rows.append(_row(r, evaluated, loss, 0, 0, time.perf_counter() - t0))
-    return rows, _final_shared(trainer, clients, rows)
+    return rows, _final_shared(trainer, clients, rows) | _samples(samples)
+
+
+def _shuffled_stream(n: int, rng: np.random.Generator) -> Iterator[int]:
+    """Indices 0..n-1 in a fresh random order, pass after pass, for ever."""
+    while True:
+        yield from rng.permutation(n).tolist()
 
 
 def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
               progress: bool) -> tuple[list[dict], dict]:
-    """Each client trains alone: the same local work per round, the same rounds, no exchange.
+    """Each client trains alone, compute-matched to FedAvg: in exactly the rounds FedAvg's
+    sampler picks it, E local epochs with a fresh optimizer and the same data order.
 
-    Rows hold the mean (and spread) over clients of each client's own model.
+    Rows hold the mean (and spread) over clients of each client's own model; a client's
+    model is evaluated again only when it has trained since its last evaluation.
     """
-    init = trainer.state()
+    init, picked = trainer.state(), schedule(cfg)
     n, rounds = len(clients), cfg.rounds
     acc, loss = np.full((n, rounds), np.nan), np.full((n, rounds), np.nan)
-    train_loss, seconds = np.zeros((n, rounds)), np.zeros((n, rounds))
+    train_loss, seconds = np.full((n, rounds), np.nan), np.zeros((n, rounds))
     own_test, own_train = np.zeros(n), np.zeros(n)
+    samples = np.zeros(n, dtype=np.int64)
+    untrained = trainer.evaluate(test)
     for c in tqdm(range(n), desc="clients", leave=False, disable=not progress):
         trainer.load(init)
+        current = untrained  # (accuracy, loss) of client c's model as it is now
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
-            train_loss[c, r - 1] = trainer.fit(clients[c].train, cfg.local_epochs, (cfg.seed, r, c))
+            if c in picked[r - 1]:
+                train_loss[c, r - 1] = trainer.fit(clients[c].train, cfg.local_epochs,
+                                                   (cfg.seed, r, c))
+                samples[c] += cfg.local_epochs * len(clients[c].train)
+                current = None
             if _eval_round(cfg, r):
-                acc[c, r - 1], loss[c, r - 1] = trainer.evaluate(test)
+                current = current or trainer.evaluate(test)
+                acc[c, r - 1], loss[c, r - 1] = current
             seconds[c, r - 1] = time.perf_counter() - t0
         own_test[c] = trainer.evaluate(clients[c].test)[0]
         own_train[c] = trainer.evaluate(clients[c].train)[0]
@@ -260,7 +312,7 @@ def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: dat
     for r in range(1, rounds + 1):
         col = r - 1
         evaluated = (acc[:, col].mean(), loss[:, col].mean()) if _eval_round(cfg, r) else None
-        rows.append(_row(r, evaluated, float(train_loss[:, col].mean()), 0, 0,
+        rows.append(_row(r, evaluated, float(np.nanmean(train_loss[:, col])), 0, 0,
                          float(seconds[:, col].sum()),
                          test_acc_std=float(acc[:, col].std()) if evaluated else None))
     last = rows[-1]
@@ -268,7 +320,7 @@ def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: dat
              "test_acc_std": last["test_acc_std"],
              "local_test_acc": float(own_test.mean()), "local_test_acc_std": float(own_test.std()),
              "train_acc": float(own_train.mean())}
-    return rows, final
+    return rows, final | _samples(samples)
 
 
 def _final_shared(trainer: Trainer, clients: list[Client], rows: list[dict]) -> dict:
@@ -311,12 +363,38 @@ def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | Non
     return Trainer(net, [], cfg, dev).evaluate(data_.test.to(dev))[0]
 
 
+def _clients(cfg: RunConfig, dataset: data.Dataset, parts: partition.ClientSplit,
+             dev: torch.device) -> tuple[list[Client], data.Split]:
+    """The clients and the evaluation set of a run, on the device.
+
+    Normally each client holds its train and local test split, and the evaluation set is
+    the global test set. In a validation run (``val_fraction > 0``) each client's
+    validation split (carved from its training split) takes the place of its test split,
+    their union that of the global test set, and no test image is even moved.
+    """
+    train = dataset.train.to(dev)
+    if not cfg.val_fraction:
+        pairs = zip(parts.train, parts.test, strict=True)
+        return [Client(train.subset(a), train.subset(b)) for a, b in pairs], dataset.test.to(dev)
+    held = partition.hold_out(parts.train, cfg.val_fraction, cfg.seed)
+    pairs = zip(held.train, held.test, strict=True)
+    clients = [Client(train.subset(a), train.subset(v)) for a, v in pairs]
+    return clients, train.subset(np.concatenate(held.test))
+
+
+def _as_validation(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A validation run's metrics: every ``test`` in a name becomes ``val``."""
+    return {k.replace("test", "val"): v for k, v in metrics.items()}
+
+
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
             progress: bool = False) -> Outcome:
     """Run one configuration end to end and return its outcome.
 
     Everything random derives from ``cfg.seed``: model initialisation, the partition,
-    client sampling and data order.
+    client sampling and data order. ``zero_shot_test_acc`` is the accuracy of the model as
+    built, before the tuning method adds anything (CLIP: its zero-shot accuracy); round 0
+    is the model before any training, the method's modules added.
 
     Raises:
         ConfigError: input that turns out bad once the data is loaded (a partition that
@@ -330,17 +408,18 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
                                     num_classes=len(dataset.class_names))  # fits? before building
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, dataset.class_names, cfg.weights)
+    clients, evaluation = _clients(cfg, dataset, parts, dev)
+    as_built = Trainer(model, [], cfg, dev).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
-    train, test = dataset.train.to(dev), dataset.test.to(dev)
-    pairs = zip(parts.train, parts.test, strict=True)
-    clients = [Client(train.subset(a), train.subset(b)) for a, b in pairs]
     trainer = Trainer(model, names, cfg, dev)
-    initial = trainer.evaluate(test)
-    rows, final = MODES[cfg.mode](cfg, trainer, clients, test, progress)
+    initial = trainer.evaluate(evaluation)
+    rows, final = MODES[cfg.mode](cfg, trainer, clients, evaluation, progress)
     rows.insert(0, _row(0, initial, None, 0, 0, 0.0))
-    final |= {"initial_test_acc": initial[0],
+    final |= {"zero_shot_test_acc": as_built[0], "initial_test_acc": initial[0],
               "bytes_up": sum(r["bytes_up"] for r in rows),
               "bytes_down": sum(r["bytes_down"] for r in rows)}
+    if cfg.val_fraction:
+        rows, final = [_as_validation(r) for r in rows], _as_validation(final)
     trainable, total = tuning.count_parameters(model)
     return Outcome(rows, final, trainable, total, state_bytes(trainer.state()),
                    models.resolve_weights(cfg.model, cfg.weights), str(dev))

@@ -188,6 +188,35 @@ def _check_every_client_has_data(spec: PartitionSpec, clients: int, total: int, 
                               f"one to test on); use fewer clients or {hint}")
 
 
+def hold_out(train: list[np.ndarray], fraction: float, seed: int) -> ClientSplit:
+    """Carve a validation split out of each client's training indices.
+
+    Used by learning-rate sweeps: the validation data come from the training side only, so
+    the local and global test sets stay untouched. A client keeps at least one training
+    sample; with ``fraction > 0`` and two or more samples it gives at least one.
+
+    Args:
+        train: per-client training indices (e.g. :attr:`ClientSplit.train`).
+        fraction: share of each client's training samples to hold out (0 <= f < 1).
+        seed: run seed; the carve uses its own generator, so the partition is unchanged.
+
+    Returns:
+        A :class:`ClientSplit` whose ``train`` is what is left to train on and whose
+        ``test`` holds the validation indices.
+
+    Raises:
+        ConfigError: a client with fewer than two training samples (nothing to hold out).
+    """
+    check_range("val_fraction", fraction, low=0, high=1, low_open=True)
+    if small := [i for i, t in enumerate(train) if len(t) < 2]:
+        raise ConfigError(f"a validation split needs two training samples per client; client "
+                          f"{small[0]} has {len(train[small[0]])}; use fewer clients")
+    rng = np.random.default_rng([seed, 2])
+    kept, held = zip(*(_local_split(t, fraction, rng) for t in train), strict=True)
+    return ClientSplit(train=[np.sort(t).astype(np.int64) for t in kept],
+                       test=[np.sort(t).astype(np.int64) for t in held])
+
+
 def count_table(labels: np.ndarray, parts: list[np.ndarray],
                 class_names: list[str] | None = None) -> pandas.DataFrame:
     """Per-client class counts, e.g. of :attr:`ClientSplit.train`.
