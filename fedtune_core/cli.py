@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from fedtune_core.errors import ConfigError, check_int
 
 MAX_CLASSES = 100_000  # fedtune params: ImageNet-21k has 21,843
-RUN_FIELDS = ("model", "weights", "method", "dataset", "partition", "clients", "sample",
-              "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
+RUN_FIELDS = ("model", "weights", "quick_gelu", "method", "dataset", "partition", "clients",
+              "sample", "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
               "local_test_fraction", "val_fraction", "mode", "eval_every", "seed")
 
 
@@ -48,13 +48,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     types = {"clients": int, "sample": int, "rounds": int, "local_epochs": int, "batch_size": int,
              "eval_every": int, "seed": int, "lr": float, "weight_decay": float,
              "local_test_fraction": float, "val_fraction": float}
+    types["quick_gelu"] = _auto_bool
     for name in RUN_FIELDS:
+        shown = "auto" if defaults[name] is None and name == "quick_gelu" else defaults[name]
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str),
-                       default=defaults[name], help=f"default: {defaults[name]}")
+                       default=defaults[name], help=f"default: {shown}")
     group = p.add_argument_group("method options (only for the method they name)")
     for dest, (method, option, f) in _method_flags().items():
         group.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=type(f.default),
                            default=None, help=f"{method}: {option} (default {f.default})")
+
+
+def _auto_bool(text: str) -> bool | None:
+    """``auto`` -> None, ``true``/``false`` -> bool (for --quick-gelu)."""
+    values = {"auto": None, "true": True, "false": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}; valid choices: auto, true, "
+                                         "false")
+    return values[text.lower()]
 
 
 def _config_from(args: argparse.Namespace):

@@ -64,6 +64,7 @@ class RunConfig:
 
     model: str = "vit-tiny"  # backbone name, see specs.BACKBONES
     weights: str = "auto"  # auto (the backbone's hub tag), none, a hub tag or a checkpoint file
+    quick_gelu: bool | None = None  # CLIP's activation; None: from the weights (see models.py)
     method: str = "bias"  # tuning method, see tuning.METHODS
     method_options: Mapping[str, Any] = field(default_factory=dict)  # the method's own knobs
     dataset: str = "digits"  # digits, cifar10, cifar100, imagefolder:PATH, synthetic
@@ -102,6 +103,7 @@ class RunConfig:
             check_str(name, getattr(self, name))
         check_choice("model", self.model, specs.BACKBONES)
         specs.check_weights(self.model, self.weights)
+        specs.check_quick_gelu(self.model, self.weights, self.quick_gelu)
         check_choice("tuning method", self.method, tuning.METHODS)
         tuning.method_config(self.method, self.method_options)
         checks.check_dataset(self.dataset)

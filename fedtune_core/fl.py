@@ -345,7 +345,7 @@ class Outcome:
     trainable: int
     total: int
     state_bytes: int
-    weights: tuple[str, str | None]
+    weights: dict[str, Any]  # kind, source, quick_gelu (CLIP) and why
     device: str
 
 
@@ -407,7 +407,7 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
                                     cfg.seed, cfg.local_test_fraction,
                                     num_classes=len(dataset.class_names))  # fits? before building
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, dataset.class_names, cfg.weights)
+    model = models.build(cfg.model, dataset.class_names, cfg.weights, quick_gelu=cfg.quick_gelu)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
     as_built = Trainer(model, [], cfg, dev).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
@@ -422,4 +422,10 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
         rows, final = [_as_validation(r) for r in rows], _as_validation(final)
     trainable, total = tuning.count_parameters(model)
     return Outcome(rows, final, trainable, total, state_bytes(trainer.state()),
-                   models.resolve_weights(cfg.model, cfg.weights), str(dev))
+                   _weights_info(cfg), str(dev))
+
+
+def _weights_info(cfg: RunConfig) -> dict[str, Any]:
+    kind, source = models.resolve_weights(cfg.model, cfg.weights)
+    quick, why = models.resolve_quick_gelu(cfg.model, cfg.weights, cfg.quick_gelu)
+    return {"kind": kind, "source": source, "quick_gelu": quick, "quick_gelu_from": why}

@@ -25,6 +25,8 @@ from fedtune_core.specs import (  # noqa: F401  (re-exported: models.BACKBONES e
     BackboneSpec,
     check_weights,
     hub_tags,
+    is_torchscript,
+    resolve_quick_gelu,
     resolve_weights,
 )
 
@@ -81,7 +83,7 @@ def _weights_error(model: str, kind: str, source: str, err: Exception) -> Config
 
 
 def build(model: str, class_names: Sequence[str], weights: str = "auto",
-          text_head: bool = True) -> Classifier:
+          text_head: bool = True, quick_gelu: bool | None = None) -> Classifier:
     """Build the classifier for ``class_names`` on backbone ``model``.
 
     Args:
@@ -90,17 +92,20 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
         weights: ``auto``, ``none``, a hub tag, or a local checkpoint file.
         text_head: CLIP only: initialise the head from the text embeddings of the class
             prompts (zero-shot head). False leaves a random head (parameter counting).
+        quick_gelu: CLIP only: True/False forces the activation; None (auto) follows the
+            weights (see :func:`resolve_quick_gelu`).
 
     Raises:
         ConfigError: unknown model, bad weights value, or weights that cannot be loaded.
     """
     kind, source = resolve_weights(model, weights)
+    quick, _ = resolve_quick_gelu(model, weights, quick_gelu)  # a contradiction stops here
     spec = BACKBONES[model]
     builder = _BUILDERS[spec.family]
     if kind == "hub":
         wts.prepare_hub()  # one probe; offline: the local cache or an error at once
     try:
-        return builder(spec, list(class_names), kind, source, text_head)
+        return builder(spec, list(class_names), kind, source, text_head, quick)
     except ConfigError:
         raise
     except Exception as err:
@@ -110,7 +115,7 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
 
 
 def _build_timm(spec: BackboneSpec, class_names: list[str], kind: str, source: str | None,
-                text_head: bool) -> Classifier:
+                text_head: bool, quick_gelu: bool | None) -> Classifier:
     import timm
 
     name = f"{spec.arch}.{source}" if kind == "hub" else spec.arch
@@ -128,18 +133,18 @@ def _build_timm(spec: BackboneSpec, class_names: list[str], kind: str, source: s
 
 
 def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, source: str | None,
-                     text_head: bool) -> Classifier:
+                     text_head: bool, quick_gelu: bool) -> Classifier:
     import open_clip
 
-    # OpenAI's weights were trained with QuickGELU; the tag's config says so. A checkpoint
-    # file or random init follows the backbone's own tag (openai for clip-vit-b32).
-    tag = source if kind == "hub" else spec.pretrained
-    quick = bool(tag and open_clip.get_pretrained_cfg(spec.arch, tag).get("quick_gelu"))
+    # The activation: from the weights or the config (specs.resolve_quick_gelu).
     with _quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
         clip = open_clip.create_model(spec.arch, pretrained=source if kind == "hub" else None,
-                                      force_quick_gelu=quick)
-    if kind == "file":  # the full model, strictly (the text tower builds the head)
-        wts.load_file(clip, source, model=_name_of(spec))
+                                      force_quick_gelu=quick_gelu)
+    if uses_quick_gelu(clip.visual) != quick_gelu:
+        raise ConfigError(f"open_clip's {spec.arch} config fixes its activation; "
+                          f"quick_gelu={quick_gelu} cannot be honoured")
+    if kind == "file":  # the full model, strictly (the text tower builds the head); a
+        wts.load_file(clip, source, model=_name_of(spec))  # TorchScript archive (OpenAI's) too
     clip.eval()
     visual = clip.visual
     head = nn.Linear(visual.output_dim, len(class_names))
@@ -167,6 +172,13 @@ def _classifier(net: nn.Module) -> str:
 def _name_of(spec: BackboneSpec) -> str:
     """The backbone name of ``spec``."""
     return next(name for name, s in BACKBONES.items() if s is spec)
+
+
+def uses_quick_gelu(module: nn.Module) -> bool:
+    """True if any activation inside ``module`` is open_clip's QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in module.modules())
 
 
 @contextlib.contextmanager

@@ -220,7 +220,7 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
         record |= {"status": "ok", "error": None, "failure": None, "rounds": out.rows,
                    "final": out.final, "params": {"trainable": out.trainable, "total": out.total},
                    "state_bytes": out.state_bytes,
-                   "weights": {"kind": out.weights[0], "source": out.weights[1]},
+                   "weights": out.weights,
                    "device": out.device}
     return record | environment() | {"wall_seconds": time.perf_counter() - t0}
 

@@ -9,6 +9,7 @@ builds the networks.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,71 @@ def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
     if _looks_like_path(weights):
         return "file", weights
     return "hub", weights
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """True for a TorchScript archive: the format of OpenAI's own CLIP checkpoint files."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_quick_gelu(model: str, weights: str, requested: bool | None) -> None:
+    """Validate ``quick_gelu`` without importing torch unless it is set for hub weights.
+
+    Raises:
+        ConfigError: not true/false/unset, set for a timm backbone, or contradicting the
+            weights (see :func:`resolve_quick_gelu`).
+    """
+    if requested is not None and not isinstance(requested, bool):
+        raise ConfigError(f"quick_gelu must be true, false or unset (auto), got {requested!r}")
+    if requested is not None:
+        resolve_quick_gelu(model, weights, requested)
+
+
+def resolve_quick_gelu(model: str, weights: str, requested: bool | None = None,
+                       ) -> tuple[bool | None, str]:
+    """Whether a CLIP backbone runs QuickGELU, and why; ``(None, ...)`` for timm backbones.
+
+    A hub tag says which activation its weights were trained with (open_clip's pretrained
+    config); a TorchScript archive is OpenAI's release format, trained with QuickGELU. A
+    plain state dict does not say: ``requested`` decides, else the backbone's own tag
+    (OpenAI for ``clip-vit-*``: QuickGELU), an assumption the reason names.
+
+    Raises:
+        ConfigError: ``requested`` for a timm backbone, or contradicting the weights.
+    """
+    spec = BACKBONES[model]
+    if spec.family != "open_clip":
+        if requested is not None:
+            raise ConfigError(f"quick_gelu applies to CLIP backbones only, not {model}; "
+                              "leave it unset")
+        return None, "not a CLIP backbone"
+    kind, source = resolve_weights(model, weights)
+    if kind == "hub":
+        known, origin = _tag_quick_gelu(spec, source), f"the {source!r} weights"
+    elif kind == "file" and is_torchscript(source):
+        known, origin = True, "an OpenAI TorchScript archive"
+    elif requested is not None:
+        return requested, "set in the config"
+    else:
+        default = _tag_quick_gelu(spec, spec.pretrained)
+        what = f"{spec.pretrained!r} weights" if spec.pretrained else "architecture"
+        return default, (f"assumed from {model}'s {what}" if kind == "file"
+                         else f"{model}'s {what}")
+    if requested is not None and requested != known:
+        act = "QuickGELU" if known else "GELU"
+        raise ConfigError(f"quick_gelu={requested} contradicts {origin} for {model}, trained "
+                          f"with {act}; set quick_gelu to {known} or leave it unset")
+    return known, origin
+
+
+def _tag_quick_gelu(spec: BackboneSpec, tag: str | None) -> bool:
+    """Whether open_clip's config of pre-trained ``tag`` asks for QuickGELU (imports it)."""
+    if not tag:
+        return False
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(spec.arch, tag).get("quick_gelu"))

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from fedtune_core.errors import ConfigError
+from fedtune_core.specs import is_torchscript
 
 HUB_PROBE_SECONDS = 5.0
 WRAPPERS = ("state_dict", "model", "module")  # keys that some trainers nest a state dict under
+OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")  # in OpenAI's archives
 NOT_A_CHECKPOINT = ("expected a state dict of tensors saved with torch.save(model.state_dict()) "
                     "or safetensors")
 
@@ -31,10 +34,15 @@ NOT_A_CHECKPOINT = ("expected a state dict of tensors saved with torch.save(mode
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (on the CPU), unwrapped from common containers.
 
+    A TorchScript archive (how OpenAI released CLIP) is read with ``torch.jit.load``, the
+    only reader of that format, and its metadata entries are dropped.
+
     Raises:
         ConfigError: the file cannot be read as a state dict of tensors ("not a checkpoint").
     """
     path = str(path)
+    if is_torchscript(path):
+        return _read_torchscript(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -50,6 +58,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state is None:
         raise ConfigError(f"checkpoint file {path!r} is not a checkpoint: it holds "
                           f"{_describe(obj)}; {NOT_A_CHECKPOINT}")
+    return state
+
+
+def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():  # deprecated, but the only reader of these archives
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+    except Exception as err:  # a damaged archive
+        raise ConfigError(f"checkpoint file {path!r} is not a checkpoint: a TorchScript archive "
+                          f"that torch.jit.load cannot read ({type(err).__name__})") from None
+    for key in OPENAI_METADATA:
+        state.pop(key, None)
     return state
 
 
@@ -95,7 +116,10 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         return not key.startswith(replaced) if replaced else True
 
     own = {k: v for k, v in module.state_dict().items() if kept(k)}
-    given = {k: v for k, v in state.items() if kept(k)}
+    # buffers the module recomputes itself (not in its state dict, e.g. open_clip's attention
+    # mask) may come with a TorchScript archive: they are not weights
+    transient = {n for n, _ in module.named_buffers()} - set(module.state_dict())
+    given = {k: v for k, v in state.items() if kept(k) and k not in transient}
     missing = [k for k in own if k not in given]
     unexpected = [k for k in given if k not in own]
     shapes = [k for k in own if k in given and tuple(given[k].shape) != tuple(own[k].shape)]

@@ -139,7 +139,8 @@ def test_fl_rows_and_bytes(tiny_config, method):
     assert out.final["bytes_down"] == out.final["bytes_up"]
     assert out.final["initial_test_acc"] == out.rows[0]["test_acc"]
     assert out.final["test_acc"] == out.rows[-1]["test_acc"]
-    assert out.weights == ("none", None)
+    assert out.weights == {"kind": "none", "source": None, "quick_gelu": None,
+                           "quick_gelu_from": "not a CLIP backbone"}
     assert out.device == "cpu"
 
 
