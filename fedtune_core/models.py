@@ -43,12 +43,14 @@ class Classifier(nn.Module):
         width: the token width inside the blocks (what prompts and adapters are sized by).
         prefix_tokens: tokens before the patch tokens (class token, registers).
         normalize: L2-normalise features before the head (CLIP's cosine classifier).
+        feature_scale: with ``normalize``, the features' norm (CLIP: its logit scale).
         input_size, mean, std, interpolation: the model's own preprocessing.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Linear, *, blocks_path: str, width: int,
                  prefix_tokens: int, normalize: bool, input_size: int, mean: Sequence[float],
-                 std: Sequence[float], interpolation: str = "bicubic"):
+                 std: Sequence[float], interpolation: str = "bicubic",
+                 feature_scale: float = 1.0):
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -56,6 +58,7 @@ class Classifier(nn.Module):
         self.width = width
         self.prefix_tokens = prefix_tokens
         self.normalize = normalize
+        self.feature_scale = feature_scale
         self.input_size = input_size
         self.mean = tuple(mean)
         self.std = tuple(std)
@@ -69,7 +72,7 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Image features fed to the head."""
         feats = self.encoder(x)
-        return F.normalize(feats, dim=-1) if self.normalize else feats
+        return F.normalize(feats, dim=-1) * self.feature_scale if self.normalize else feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -85,6 +88,14 @@ def _weights_error(model: str, kind: str, source: str, err: Exception) -> Config
 def build(model: str, class_names: Sequence[str], weights: str = "auto",
           text_head: bool = True, quick_gelu: bool | None = None) -> Classifier:
     """Build the classifier for ``class_names`` on backbone ``model``.
+
+    CLIP's head is CLIP's own similarity, ``logits = s * cos(image, class)``: features are
+    the image embedding normalised to norm ``s`` (the checkpoint's logit scale, 100 for
+    OpenAI's) and the head's rows start as the unit text embeddings of "a photo of a
+    {class}." (bias 0), so before training the classifier is CLIP's zero-shot classifier.
+    Putting ``s`` on the features rather than on the rows (``s * t``, unit features) gives
+    the same logits but a head that learns at the rates that suit ViT's (see
+    docs/protocol.md and benchmarks/clip_head.py). ViT's head is timm's, for the classes.
 
     Args:
         model: a name in :data:`BACKBONES`.
@@ -148,20 +159,20 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     clip.eval()
     visual = clip.visual
     head = nn.Linear(visual.output_dim, len(class_names))
-    if text_head:
+    if text_head:  # CLIP's own similarity: logit scale x cos(image, class text); see docstring
         tokenizer = open_clip.get_tokenizer(spec.arch)
         prompts = tokenizer([CLIP_PROMPT.format(c) for c in class_names])
         with torch.no_grad():
-            text = F.normalize(clip.encode_text(prompts), dim=-1)
-            head.weight.copy_(text * clip.logit_scale.exp())
+            head.weight.copy_(F.normalize(clip.encode_text(prompts), dim=-1))
             head.bias.zero_()
     pre = visual.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][-1]
+    scale = clip.logit_scale.exp().item()
     del clip  # the text tower ran once; it never trains or travels
     return Classifier(visual, head, blocks_path="transformer.resblocks",
                       width=visual.transformer.width, prefix_tokens=1, normalize=True,
                       input_size=size, mean=pre["mean"], std=pre["std"],
-                      interpolation=pre.get("interpolation", "bicubic"))
+                      interpolation=pre.get("interpolation", "bicubic"), feature_scale=scale)
 
 
 def _classifier(net: nn.Module) -> str:

@@ -209,14 +209,28 @@ def test_fedavg_full_finetuning_learns_digits(tiny_config):
 # ---------------------------------------------------------------- CLIP head
 
 
-def test_clip_head_is_scaled_text_embeddings():
-    model = models.build("clip-tiny", [str(i) for i in range(10)], "none")
+def test_clip_head_is_clips_own_similarity():
+    import open_clip
+
+    torch.manual_seed(0)
+    model = models.build("clip-tiny", [str(i) for i in range(10)], "none").eval()
+    # open_clip initialises logit_scale to log(1/0.07): the features carry that norm
+    assert model.feature_scale == pytest.approx(1 / 0.07, rel=1e-5)
     norms = model.head.weight.detach().norm(dim=1)
-    # open_clip initialises logit_scale to log(1/0.07)
-    torch.testing.assert_close(norms, torch.full((10,), 1 / 0.07), atol=1e-4, rtol=0)
+    torch.testing.assert_close(norms, torch.ones(10), atol=1e-5, rtol=0)
     assert torch.count_nonzero(model.head.bias) == 0
-    # rows differ per class (built from the class prompts, not a constant)
-    assert not torch.allclose(model.head.weight[0], model.head.weight[1])
+    assert not torch.allclose(model.head.weight[0], model.head.weight[1])  # one row per class
+
+    # the logits are CLIP's zero-shot logits, computed by open_clip itself
+    torch.manual_seed(0)
+    clip = open_clip.create_model("fedtune-clip-tiny").eval()
+    text = open_clip.get_tokenizer("fedtune-clip-tiny")([f"a photo of a {i}." for i in range(10)])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        image_f = torch.nn.functional.normalize(clip.encode_image(x), dim=-1)
+        text_f = torch.nn.functional.normalize(clip.encode_text(text), dim=-1)
+        reference = clip.logit_scale.exp() * image_f @ text_f.T
+        torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
 
 
 def test_clip_initial_accuracy_is_recorded(tiny_config):

@@ -152,9 +152,9 @@ def test_tiny_classifier_shapes(name, size, width, normalize):
     assert model.prefix_tokens == 1
     out = model(torch.randn(3, 3, size, size))
     assert out.shape == (3, len(NAMES))
-    if normalize:
+    if normalize:  # CLIP: features of norm = the logit scale
         feats = model.features(torch.randn(2, 3, size, size))
-        torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))
+        torch.testing.assert_close(feats.norm(dim=-1), torch.full((2,), model.feature_scale))
 
 
 # ---------------------------------------------------------------- preprocessing
