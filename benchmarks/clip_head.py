@@ -109,13 +109,99 @@ def head_study() -> None:
         with torch.no_grad():
             init = (logits(data[2]).argmax(1) == data[3]).float().mean().item()
         for optimizer in ("sgd", "adamw"):
-            accs = [train(kind, optimizer, lr, data, text) for lr in RATES]
-            best = int(np.nanargmax(accs))
-            good = [r for r, a in zip(RATES, accs, strict=True) if a >= accs[best] - 0.02]
-            cells = " ".join("   -" if math.isnan(a) else f"{a:4.2f}" for a in accs)
-            print(f"{kind:<17}{optimizer:<6} init {init:4.2f} | {cells} | best {accs[best]:.3f}"
-                  f" at {RATES[best]:.0e}; within 0.02 of it: {min(good):.0e}..{max(good):.0e}")
+            _print_row(kind, optimizer, init, [train(kind, optimizer, lr, data, text)
+                                               for lr in RATES])
     print("\nrates:" + " ".join(f"{r:.0e}" for r in RATES))
+
+
+def train_fedavg(kind: str, optimizer: str, lr: float, data, text, clients: int = 20,
+                 sample: int = 5, rounds: int = 30, batch: int = 32) -> float:
+    """FedAvg of the head alone (Dirichlet(0.5) clients, 1 local epoch, fresh optimizer)."""
+    from fedtune_core import fl, partition
+
+    xtr, ytr, xte, yte = data
+    params, logits = heads(kind, xtr.shape[1], text)
+    parts = partition.split_clients(ytr.numpy(), "dirichlet:0.5", clients, 0, 0.0, 10).train
+    sampler, g = np.random.default_rng(1), torch.Generator().manual_seed(0)
+    state = [p.detach().clone() for p in params]
+    for _ in range(rounds):
+        updates = []
+        for c in sampler.choice(clients, sample, replace=False):
+            with torch.no_grad():
+                for p, s in zip(params, state, strict=True):
+                    p.copy_(s)
+            opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd"
+                   else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+            idx_all = torch.as_tensor(parts[c])
+            for idx in idx_all[torch.randperm(len(idx_all), generator=g)].split(batch):
+                loss = F.cross_entropy(logits(xtr[idx]), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            updates.append(({str(i): p.detach().clone() for i, p in enumerate(params)},
+                            len(idx_all)))
+        avg = fl.fedavg(updates)
+        state = [avg[str(i)] for i in range(len(params))]
+    with torch.no_grad():
+        for p, s in zip(params, state, strict=True):
+            p.copy_(s)
+        out = logits(xte)
+        return float("nan") if not torch.isfinite(out).all() else (
+            (out.argmax(1) == yte).float().mean().item())
+
+
+def fl_study() -> None:
+    print("Part 3: the same heads trained by FedAvg (20 clients, Dirichlet(0.5), 5 a round,")
+    print("30 rounds, 1 local epoch of ~2 steps, a fresh optimizer each round)\n")
+    for kind, dim in (("vit", 768), ("clip-fixed-scale", 512)):
+        data = _digits(dim)
+        text = _text_like(data[0], data[1], noise=3.0)
+        for optimizer in ("sgd", "adamw"):
+            accs = [train_fedavg(kind, optimizer, lr, data, text) for lr in RATES]
+            _print_row(kind, optimizer, float("nan"), accs)
+
+
+def grad_study() -> None:
+    """Per method and backbone: the relative step of one update per unit rate.
+
+    SGD moves a tensor by lr * |g| / |w| relative to its norm; Adam (first step, bias-
+    corrected) by lr * sqrt(n) / |w|. The median over a method's non-zero body tensors.
+    """
+    from fedtune_core import models, tuning
+
+    print("Part 4: relative step per unit rate at random init (8 random images), median over")
+    print("each method's body tensors (head excluded)\n")
+    names = [str(i) for i in range(10)]
+    x, y = torch.randn(8, 3, 224, 224), torch.arange(8) % 10
+    table = {}
+    for name in ("vit-b16", "clip-vit-b32"):
+        for method in ("bias", "full", "prompt"):
+            torch.manual_seed(0)
+            model = models.build(name, names, "none")
+            if model.normalize:
+                model.feature_scale = SCALE
+            trained = tuning.prepare(model, method)
+            F.cross_entropy(model(x), y).backward()
+            params = dict(model.named_parameters())
+            rows = [(params[n].grad.norm() / params[n].norm(), params[n].numel() ** 0.5
+                     / params[n].norm()) for n in trained
+                    if not n.startswith("head.") and params[n].norm() > 0]
+            sgd, adam = (float(np.median([r[i].item() for r in rows])) for i in (0, 1))
+            table[name, method] = (sgd, adam)
+    print(f"{'method':<9}{'SGD: ViT':>11}{'CLIP':>10}{'CLIP/ViT':>10}"
+          f"{'Adam: ViT':>12}{'CLIP':>10}{'CLIP/ViT':>10}")
+    for method in sorted({m for _, m in table}):
+        (vs, va), (cs, ca) = table["vit-b16", method], table["clip-vit-b32", method]
+        print(f"{method:<9}{vs:>11.3g}{cs:>10.3g}{cs / vs:>10.3g}{va:>12.3g}{ca:>10.3g}"
+              f"{ca / va:>10.3g}")
+
+
+def _print_row(kind: str, optimizer: str, init: float, accs: list[float]) -> None:
+    best = int(np.nanargmax(accs))
+    good = [r for r, a in zip(RATES, accs, strict=True) if a >= accs[best] - 0.02]
+    cells = " ".join("   -" if math.isnan(a) else f"{a:4.2f}" for a in accs)
+    print(f"{kind:<17}{optimizer:<6} init {init:4.2f} | {cells} | best {accs[best]:.3f}"
+          f" at {RATES[best]:.0e}; within 0.02 of it: {min(good):.0e}..{max(good):.0e}")
 
 
 def _step_moves(feats: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
@@ -153,12 +239,20 @@ def arch_study() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", action="store_true", help="also part 1 (builds B/16, B/32)")
+    parser.add_argument("--fl", action="store_true", help="also part 3 (FedAvg of the heads)")
+    parser.add_argument("--grads", action="store_true", help="also part 4 (relative steps)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.archs:
         arch_study()
         print()
     head_study()
+    if args.fl:
+        print()
+        fl_study()
+    if args.grads:
+        print()
+        grad_study()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Profiles themselves (parsing, expansion into run configurations) live in
 :mod:`fedtune_core.profile`. Cached runs are skipped; the rest run in parallel processes and
 each record is written the moment its run ends, so an interrupted grid resumes.
+
+Where a profile selects learning rates, a grid runs in three phases: the sweep runs of the
+groups it needs, the choice of each group's rate from their validation metrics
+(:mod:`fedtune_core.selection`), then the runs at the chosen rates.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from fedtune_core import selection
 from fedtune_core.config import RunConfig
 from fedtune_core.profile import EXPERIMENTS, Profile, load_profile, profiles
 
@@ -26,20 +31,33 @@ def default_results(profile: Profile, given: str | os.PathLike | None = None) ->
 
 
 def plan(profile: Profile, results: str | os.PathLike,
-         retry_failed: bool = False) -> dict[str, tuple[int, int]]:
-    """Per experiment, and for all of them once each: (runs needed, of which cached).
+         retry_failed: bool = False) -> dict[str, tuple[int, int, int]]:
+    """Learning-rate sweeps, each experiment, all runs once each: (runs, cached, pending).
 
-    Cached: a record that spares the run (ok, or diverged unless ``retry_failed``).
+    Cached: a record that spares the run (ok, or diverged unless ``retry_failed``). Pending:
+    a run whose group's learning rate is not chosen yet (its sweep has not run); pending
+    runs count as to run.
     """
     from fedtune_core import results as res
 
-    def count(cfgs: list[RunConfig]) -> tuple[int, int]:
-        return len(cfgs), sum(res.kept(results, c, retry_failed=retry_failed) is not None
-                              for c in cfgs)
+    chosen = rates(profile, results)
 
-    out = {name: count(profile.runs(name)) for name in profile.experiments}
-    out["all (unique)"] = count(profile.runs())
+    def count(cfgs: list[RunConfig], pending: int = 0) -> tuple[int, int, int]:
+        hit = sum(res.kept(results, c, retry_failed=retry_failed) is not None for c in cfgs)
+        return len(cfgs) + pending, hit, pending
+
+    out = {"lr sweeps": count(profile.sweeps())}
+    for name in profile.experiments:
+        out[name] = count(profile.runs(name, chosen), len(profile.pending(name, chosen)))
+    pending = len({c.hash for c in profile.pending(None, chosen)})
+    out["all (unique)"] = count(profile.sweeps() + profile.runs(None, chosen), pending)
     return out
+
+
+def rates(profile: Profile, results: str | os.PathLike,
+          experiment: str | None = None) -> dict[str, float]:
+    """The chosen rate of every group of ``experiment`` whose sweep is complete."""
+    return selection.rates(selection.decide(profile.groups(experiment), results))
 
 
 def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | None,
@@ -57,34 +75,50 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
            retry_failed: bool = False, jobs: int = 1, progress: bool = True) -> list[dict]:
     """Make sure every run of ``experiment`` (or all) has a record; return the records.
 
-    Cached runs are skipped (and diverged ones unless ``retry_failed``); the others are
-    first checked (:func:`fedtune_core.preflight.check`: one line if one cannot start), then
-    run (``jobs`` processes at a time), each written the moment it ends, so an interrupted
-    grid resumes where it stopped. Failed runs are recorded as failed and the grid goes on.
-    A run that another process (another grid on this folder) is computing is skipped at
-    first, then waited for, and its record used. The count of runs, cached and to run, is
-    logged (``fedtune grid`` prints it; a notebook's report stays free of it).
+    First the learning-rate sweeps it needs, then its runs at the chosen rates (a group
+    whose every sweep run failed has no rate: its runs are left out, :func:`no_rate` names
+    it). Cached runs are skipped (and diverged ones unless ``retry_failed``); the others
+    are first checked (:func:`fedtune_core.preflight.check`: one line if one cannot start),
+    then run (``jobs`` processes at a time), each written the moment it ends, so an
+    interrupted grid resumes where it stopped. Failed runs are recorded as failed and the
+    grid goes on. A run that another process (another grid on this folder) is computing is
+    skipped at first, then waited for, and its record used. The counts of runs, cached and
+    to run, are logged (``fedtune grid`` prints them; a notebook's report stays free of
+    them).
     """
-    from tqdm import tqdm
-
-    from fedtune_core import preflight, store
-    from fedtune_core import results as res
+    from fedtune_core import store
     from fedtune_core.fl import set_cpu_threads
 
     set_cpu_threads()
     store.clean_stale(Path(results, "runs"))
-    cfgs = profile.runs(experiment)
+    options = dict(device=device, data_root=data_root, force=force,
+                   retry_failed=retry_failed, jobs=jobs, progress=progress)
+    if sweeps := profile.sweeps(experiment):
+        _ensure_runs(sweeps, results, f"{profile.name}/lr sweeps", **options)
+    cfgs = profile.runs(experiment, rates(profile, results, experiment))
+    _ensure_runs(cfgs, results, f"{profile.name}/{experiment or 'all'}", **options)
+    return collect(profile, results, experiment)
+
+
+def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,
+                 device: str | None, data_root: str | None, force: bool, retry_failed: bool,
+                 jobs: int, progress: bool) -> None:
+    """Check, then run, every config of ``cfgs`` without a record that spares it."""
+    from tqdm import tqdm
+
+    from fedtune_core import preflight
+    from fedtune_core import results as res
+
     todo = cfgs if force else [c for c in cfgs
                                if res.kept(results, c, retry_failed=retry_failed) is None]
-    log.info("%s/%s: %d runs, %d cached, %d to run", profile.name, experiment or "all",
-             len(cfgs), len(cfgs) - len(todo), len(todo))
+    log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
+             len(todo))
     preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     args = (str(results), device, data_root, force, retry_failed)
     busy = _run_all(todo, args, jobs, progress, bar, wait=False)
     _run_all(busy, args, jobs, progress, bar, wait=True)  # those other processes were running
     bar.close()
-    return collect(profile, results, experiment)
 
 
 def _run_all(cfgs: list[RunConfig], args: tuple, jobs: int, progress: bool, bar,
@@ -112,11 +146,22 @@ def _run_all(cfgs: list[RunConfig], args: tuple, jobs: int, progress: bool, bar,
 
 def collect(profile: Profile, results: str | os.PathLike,
             experiment: str | None = None) -> list[dict]:
-    """The records that exist for ``experiment`` (or all), computing nothing."""
+    """The records that exist for ``experiment`` (or all), computing nothing.
+
+    Sweep runs are not among them (see :func:`fedtune_core.report.lr_sweeps`).
+    """
     from fedtune_core import results as res
 
-    records = (res.read_record(res.record_path(results, c)) for c in profile.runs(experiment))
+    cfgs = profile.runs(experiment, rates(profile, results, experiment))
+    records = (res.read_record(res.record_path(results, c)) for c in cfgs)
     return [r for r in records if r is not None]
+
+
+def no_rate(profile: Profile, results: str | os.PathLike,
+            experiment: str | None = None) -> list[selection.Choice]:
+    """Groups whose sweep finished without a usable candidate (every run failed)."""
+    choices = selection.decide(profile.groups(experiment), results)
+    return [c for c in choices.values() if c.lr is None]
 
 
 def default_jobs(device: str | None) -> int:
@@ -138,8 +183,9 @@ def cmd_grid(args) -> int:
     results = default_results(profile, args.results)
     _log_to_stdout()
     if args.dry_run:
-        for name, (total, hit) in plan(profile, results, args.retry_failed).items():
-            print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run")
+        for name, (total, hit, pending) in plan(profile, results, args.retry_failed).items():
+            note = f" ({pending} with rates pending)" if pending else ""
+            print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run{note}")
         return 0
     check_results_folder(results)
     from fedtune_core.fl import pick_device  # torch: only once the arguments are checked
@@ -154,11 +200,17 @@ def cmd_grid(args) -> int:
         print(f"failed: {rec['hash']} ({rec['config']['model']}, {rec['config']['method']}, "
               f"{rec['config']['partition']}, {rec['config']['mode']}): {rec['error']}",
               file=sys.stderr)
+    stuck = no_rate(profile, results, args.experiment)
+    for choice in stuck:
+        fields = choice.group.fields
+        print(f"failed: no learning rate for {fields['model']} / {fields['method']} on "
+              f"{fields['dataset']}: every sweep run failed ({choice.group.key})",
+              file=sys.stderr)
     kept = sum(rec.get("failure") == "diverged" for rec in bad)
     note = f" ({kept} diverged, kept: --retry-failed runs them again)" if kept else ""
     print(f"{len(records) - len(bad)} ok, {len(bad)} failed{note}; records in "
           f"{results / 'runs'}")
-    return 1 if bad else 0
+    return 1 if bad or stuck else 0
 
 
 class _Print(logging.Handler):

@@ -6,6 +6,12 @@ of blocks per experiment. A block's list values are axes (their product is taken
 crossed with the seeds); its scalar values are fixed settings. Experiments that need the
 same configuration share its run through the cache.
 
+A method's rate in ``[lr]`` is a number, or ``{ select = [candidates] }``: then it is
+chosen on validation data by a short sweep per group of runs (:mod:`fedtune_core.selection`,
+configured by ``[lr_selection]``), and those runs exist only once their group's rate is
+known (:meth:`Profile.runs` with the chosen ``rates``; :meth:`Profile.pending` lists the
+others).
+
 A profile with a TOML error, a value of the wrong type or an unknown key is refused with one
 line naming the file, the key and what is expected (:func:`check_schema`), and so is any
 run configuration it expands to, before anything runs.
@@ -17,10 +23,12 @@ import itertools
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune_core import selection
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import SEED_MAX, ConfigError, check_choice
 
@@ -34,6 +42,14 @@ def profiles() -> list[str]:
 
 
 @dataclass(frozen=True)
+class Planned:
+    """A run an experiment needs; while its rate is to be selected, ``cfg.lr`` is None."""
+
+    cfg: RunConfig
+    candidates: tuple[float, ...] | None = None  # rates to choose from (None: cfg is final)
+
+
+@dataclass(frozen=True)
 class Profile:
     """A parsed profile."""
 
@@ -42,28 +58,66 @@ class Profile:
     pretrained: bool  # whether its models carry pre-trained weights
     seeds: tuple[int, ...]
     base: dict[str, Any]
-    lr: dict[str, float]
+    lr: dict[str, float | tuple[float, ...]]  # method -> rate, or candidates to select from
     variants: dict[str, dict[str, Any]]
     experiments: dict[str, list[dict[str, Any]]]
+    lr_selection: selection.Settings = selection.Settings()
 
-    def runs(self, experiment: str | None = None) -> list[RunConfig]:
-        """The configurations ``experiment`` needs (all experiments if None), deduplicated."""
+    def planned(self, experiment: str | None = None) -> list[Planned]:
+        """Every run ``experiment`` (all if None) needs, deduplicated, rates pending or not."""
         names = tuple(self.experiments) if experiment is None else (experiment,)
-        seen: dict[str, RunConfig] = {}
+        seen: dict[tuple, Planned] = {}
         for name in names:
             if name not in self.experiments:
                 raise ConfigError(f"unknown experiment {name!r} in profile {self.name!r}; "
                                   f"valid choices: {', '.join(self.experiments)}")
             for i, block in enumerate(self.experiments[name], start=1):
                 try:
-                    cfgs = self._expand(block)
+                    plans = self._expand(block)
                 except ConfigError as err:
                     raise ConfigError(f"[[{name}]] block {i}: {err}") from None
-                for cfg in cfgs:
-                    seen.setdefault(cfg.hash, cfg)
+                for plan in plans:
+                    seen.setdefault((plan.cfg.hash, plan.candidates), plan)
         return list(seen.values())
 
-    def _expand(self, block: dict[str, Any]) -> list[RunConfig]:
+    def groups(self, experiment: str | None = None) -> list[selection.Group]:
+        """The learning-rate groups (and their sweep runs) ``experiment`` needs."""
+        seed = self.seeds[0] if self.lr_selection.seed is None else self.lr_selection.seed
+        found: dict[str, selection.Group] = {}
+        for plan in self.planned(experiment):
+            if plan.candidates and selection.group_key(plan.cfg) not in found:
+                group = selection.make_group(plan.cfg, plan.candidates, self.base,
+                                             self.lr_selection, seed)
+                found[group.key] = group
+        return list(found.values())
+
+    def sweeps(self, experiment: str | None = None) -> list[RunConfig]:
+        """The sweep runs of :meth:`groups`."""
+        return [cfg for group in self.groups(experiment) for cfg in group.sweeps]
+
+    def runs(self, experiment: str | None = None,
+             rates: Mapping[str, float] | None = None) -> list[RunConfig]:
+        """The runs ``experiment`` needs whose rate is known, deduplicated.
+
+        Runs with a fixed rate always; runs whose rate is selected once ``rates`` (group key
+        -> chosen rate, see :func:`selection.decide`) holds their group's.
+        """
+        out: dict[str, RunConfig] = {}
+        for plan in self.planned(experiment):
+            if plan.candidates is None:
+                out.setdefault(plan.cfg.hash, plan.cfg)
+            elif (rate := (rates or {}).get(selection.group_key(plan.cfg))) is not None:
+                cfg = plan.cfg.replace(lr=rate)
+                out.setdefault(cfg.hash, cfg)
+        return list(out.values())
+
+    def pending(self, experiment: str | None = None,
+                rates: Mapping[str, float] | None = None) -> list[RunConfig]:
+        """The runs still waiting for their group's rate (``lr`` None in each)."""
+        return [p.cfg for p in self.planned(experiment) if p.candidates is not None
+                and selection.group_key(p.cfg) not in (rates or {})]
+
+    def _expand(self, block: dict[str, Any]) -> list[Planned]:
         block = {"seed": list(self.seeds)} | block
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
         out = []
@@ -76,9 +130,13 @@ class Profile:
                                       f"valid choices: {', '.join(self.variants)}")
                 values |= self.variants[variant]
             method = values.get("method", RunConfig.method)
-            if "lr" not in values and method in self.lr:
-                values["lr"] = self.lr[method]
-            out.append(RunConfig.from_dict(values))
+            rate = self.lr.get(method) if "lr" not in values else None
+            if isinstance(rate, tuple):
+                out.append(Planned(RunConfig.from_dict(values | {"lr": None}), rate))
+                continue
+            if rate is not None:
+                values["lr"] = rate
+            out.append(Planned(RunConfig.from_dict(values)))
         return out
 
 
@@ -104,11 +162,13 @@ def load_profile(name: str | os.PathLike) -> Profile:
         raise ConfigError(f"profile {path} is not valid TOML: {err}") from None
     check_schema(raw, path)
     experiments = {k: raw.pop(k) for k in list(raw) if k in EXPERIMENTS}
+    lr = {m: selection.candidates(m, v) or v for m, v in raw.get("lr", {}).items()}
     profile = Profile(path.stem, raw.get("description", ""), raw.get("pretrained", True),
-                      tuple(raw.get("seeds", [0])), raw.get("base", {}), raw.get("lr", {}),
-                      raw.get("variants", {}), experiments)
+                      tuple(raw.get("seeds", [0])), raw.get("base", {}), lr,
+                      raw.get("variants", {}), experiments,
+                      selection.Settings(**raw.get("lr_selection", {})))
     try:
-        profile.runs()  # validate every configuration now, not halfway through a grid
+        profile.groups()  # validate every configuration and sweep now, not mid-grid
     except ConfigError as err:
         raise ConfigError(f"profile {path}: {err}") from None
     return profile
@@ -171,9 +231,30 @@ def check_lr(method: str, lr: Any) -> str | None:
         check_choice("tuning method", method, tuning.METHODS)
     except ConfigError as err:
         return f"lr.{method}: {err}"
+    if isinstance(lr, dict):
+        try:
+            selection.candidates(method, lr)
+        except ConfigError as err:
+            return f"lr.{method}: {err}"
+        return None
     if not _is_number(lr) or lr <= 0:
-        return f"lr.{method} must be a learning rate (a finite number > 0), got {lr!r}"
+        return (f"lr.{method} must be a learning rate (a finite number > 0) or "
+                f"{{ select = [candidate rates] }}, got {lr!r}")
     return None
+
+
+def _lr_selection(value: Any) -> bool | str:
+    """``[lr_selection]``: how candidate rates are compared (see selection.Settings)."""
+    if not isinstance(value, dict):
+        return True
+    if unknown := sorted(set(value) - set(selection.SETTINGS)):
+        return (f"unknown key(s) {', '.join(unknown)} in [lr_selection]; valid keys: "
+                f"{', '.join(selection.SETTINGS)}")
+    try:
+        selection.Settings(**value)
+    except ConfigError as err:
+        return str(err)
+    return False
 
 
 def _variants(value: Any) -> bool | str:
@@ -204,6 +285,7 @@ SCHEMA = {
     "pretrained": (lambda v: not isinstance(v, bool), "true or false"),
     "seeds": (_seeds, f"a non-empty list of integers from 0 to {SEED_MAX}"),
     "base": (_table, "a table of run settings ([base])"),
-    "lr": (_lr_table, "a table of tuning method = learning rate ([lr])"),
+    "lr": (_lr_table, "a table of tuning method = learning rate or { select = [rates] } ([lr])"),
+    "lr_selection": (_lr_selection, "a table of val_fraction, rounds, seed ([lr_selection])"),
     "variants": (_variants, "a table of name = { run settings } ([variants])"),
 }

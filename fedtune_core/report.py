@@ -16,6 +16,9 @@ import pandas as pd
 from markupsafe import Markup
 
 from fedtune_core import models, plots, results, verdicts
+from fedtune_core.lr_report import lr_choices as lr_choices  # re-exported for the notebooks
+from fedtune_core.lr_report import lr_cost as lr_cost
+from fedtune_core.lr_report import lr_sweeps as lr_sweeps
 from fedtune_core.profile import Profile
 
 NOT_MEASURABLE_HERE = "not measurable in this profile"
@@ -135,6 +138,23 @@ def _weights(record: dict) -> str:
     if w.get("kind") == "file":
         return f"checkpoint {Path(w['source']).name}"
     return f"pre-trained: {w.get('source')}"
+
+
+def samples_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Samples processed per run and per client, by setting and mode (mean over seeds).
+
+    Local-only clients train in exactly the rounds FedAvg samples them and central
+    training processes FedAvg's samples, so the three modes' totals agree.
+    """
+    keys = ["model", "variant", "partition", "mode_name"]
+    frame = runs.assign(per_client=runs["final_samples_processed"] / runs["clients"],
+                        spread=runs["final_samples_per_client"].map(
+                            lambda n: f"{min(n):,}-{max(n):,}"))
+    table = frame.groupby(keys, sort=False).agg(
+        samples=("final_samples_processed", "mean"), per_client=("per_client", "mean"),
+        per_client_range=("spread", "first"))
+    return table.rename(columns={"per_client": "per client (mean)",
+                                 "per_client_range": "per client (min-max, first seed)"})
 
 
 def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]]) -> pd.DataFrame:

@@ -31,26 +31,41 @@ def test_paper_profile_expands_to_the_expected_runs(capsys):
     few_shot = 2 * 3 * 5 * 2 * seeds  # 2 models x 3 methods x 5 shots x 2 datasets
     fl_local = 2 * 2 * 4 * 2 * seeds + 2 * 2 * seeds  # fl + local over 4 partitions, central
     shared = 2 * 2 * seeds  # fl dirichlet:0.5 cifar100 bias/full = tuning_methods runs
-    assert [len(profile.runs(e)) for e in grid.EXPERIMENTS] == [tuning, clip_vit, few_shot,
-                                                                fl_local]
-    assert len(profile.runs()) == clip_vit + few_shot + fl_local - shared
-    assert {c.model for c in profile.runs()} == {"clip-vit-b32", "vit-b16", "vit-b32"}
+    assert [len(profile.planned(e)) for e in grid.EXPERIMENTS] == [tuning, clip_vit, few_shot,
+                                                                   fl_local]
+    unique = clip_vit + few_shot + fl_local - shared
+    assert len(profile.planned()) == len(profile.pending()) == unique  # every rate selected
+    assert {c.model for c in profile.pending()} == {"clip-vit-b32", "vit-b16", "vit-b32"}
+    groups = 2 * 3 * variants  # (dataset, model, variant); few-shot and FL runs share them
+    assert len(profile.groups()) == groups and len(profile.sweeps()) == 3 * groups
     assert main(["grid", "--profile", "paper", "--dry-run", "--results", "/nonexistent"]) == 0
     out = capsys.readouterr().out
-    assert f"{len(profile.runs()):>6} runs     0 cached{len(profile.runs()):>6} to run" in out
+    total = unique + 3 * groups
+    assert f"lr sweeps       {3 * groups:>6} runs     0 cached{3 * groups:>6} to run\n" in out
+    assert (f"{total:>6} runs     0 cached{total:>6} to run ({unique} with rates pending)"
+            in out)
 
 
 def test_a_profile_shares_runs_between_experiments():
     profile = grid.load_profile("demo")
-    tuning = {c.hash for c in profile.runs("tuning_methods")}
-    assert tuning == {c.hash for c in profile.runs("clip_vs_vit")}
-    assert len(profile.runs()) < sum(len(profile.runs(e)) for e in grid.EXPERIMENTS)
+    tuning = {p.cfg.hash for p in profile.planned("tuning_methods")}
+    assert tuning == {p.cfg.hash for p in profile.planned("clip_vs_vit")}
+    assert len(profile.planned()) < sum(len(profile.planned(e)) for e in grid.EXPERIMENTS)
+    assert {g.key for g in profile.groups()} == {g.key for g in profile.groups("tuning_methods")}
 
 
 def test_profile_lr_table_and_variants_reach_the_configs():
     profile = grid.load_profile("demo")
-    deep = [c for c in profile.runs("tuning_methods") if c.method_options.get("depth") == "deep"]
-    assert deep and all(c.method == "prompt" and c.lr == profile.lr["prompt"] for c in deep)
+    deep = [g for g in profile.groups("tuning_methods")
+            if g.fields["method_options"].get("depth") == "deep"]
+    assert len(deep) == 2  # one per model
+    for group in deep:
+        assert group.candidates == profile.lr["prompt"]
+        assert {(c.method, c.method_options["depth"]) for c in group.sweeps} == {
+            ("prompt", "deep")}
+    smoke = grid.load_profile("smoke")  # fixed rates reach their runs as they are
+    heads = [c for c in smoke.runs() if c.method == "head"]
+    assert heads and all(c.lr == smoke.lr["head"] for c in heads)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -104,14 +119,18 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
     assert all(f"reports/{n}.html" in index for n in NOTEBOOKS)
     assert all(f'<img src="figures/{n}.png"' in index for n in FIGURES)
     records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
-    assert len(records) == len(grid.load_profile("smoke").runs())
+    profile = grid.load_profile("smoke")
+    assert len(records) == len(profile.planned()) + len(profile.sweeps())
     assert all(r["status"] == "ok" for r in records)
+    assert "Learning rates chosen on validation data for 2 groups" in (
+        out / "reports" / "01_tuning_methods.html").read_text()
 
     before = _records(out)  # a second pass over the grid computes nothing
     again = subprocess.run([FEDTUNE, "grid", "--profile", "smoke", "--results", str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
-    assert f"{len(before)} cached, 0 to run" in again.stdout
+    assert "smoke/lr sweeps: 4 runs, 4 cached, 0 to run" in again.stdout
+    assert f"{len(before) - 4} cached, 0 to run" in again.stdout
     assert _records(out) == before
 
 
@@ -119,20 +138,22 @@ def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
     out = tmp_path / "res"
     cmd = [FEDTUNE, "grid", "--profile", "smoke", "--results", str(out), "--jobs", "1",
            "--quiet"]
+    profile = grid.load_profile("smoke")
+    sweeps = len(profile.sweeps())  # they run first; kill the grid among the main runs
+    total = len(profile.planned()) + sweeps
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(_records(out) if out.exists() else {}) < 2:
+    while time.time() < deadline and len(_records(out) if out.exists() else {}) < sweeps + 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = _records(out)
-    total = len(grid.load_profile("smoke").runs())
-    assert 2 <= len(finished) < total, "the kill should land mid-grid"
+    assert sweeps + 2 <= len(finished) < total, "the kill should land mid-grid"
     for path in (out / "runs").glob("*.json"):
         assert json.loads(path.read_text())["status"] == "ok"  # no half-written record
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0
-    assert f"{len(finished)} cached, {total - len(finished)} to run" in done.stdout
+    assert f"{len(finished) - sweeps} cached, {total - len(finished)} to run" in done.stdout
     after = _records(out)
     assert len(after) == total
     assert {k: after[k] for k in finished} == finished  # finished runs were not redone
