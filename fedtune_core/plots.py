@@ -37,6 +37,13 @@ FIGURES: dict[str, FigureInfo] = {
         "Test accuracy per round of every tuning method: which rises fastest, which ends highest.",
         "Line charts of test accuracy against communication round, one panel per model, one "
         "line per tuning method, bands for the spread over seeds."),
+    "01_pre_training": FigureInfo(
+        "01_tuning_methods",
+        "Final accuracy of every method from random, weak and strong pre-training (F1: does "
+        "bias tuning rise to the top as the backbone gets stronger?).",
+        "Bar chart of final test accuracy per tuning method, one bar per pre-training "
+        "checkpoint (random init, weak, strong), one panel per model, error bars for the "
+        "spread over seeds."),
     "01_pareto_parameters": FigureInfo(
         "01_tuning_methods",
         "Accuracy against trainable parameters: points on the dashed front are not beaten by "
