@@ -39,8 +39,8 @@ FIGURES: dict[str, FigureInfo] = {
         "line per tuning method, bands for the spread over seeds."),
     "01_pre_training": FigureInfo(
         "01_tuning_methods",
-        "Final accuracy of every method from random, weak and strong pre-training (F1: does "
-        "bias tuning rise to the top as the backbone gets stronger?).",
+        "Every method from random, weak and strong pre-training (F1: does bias rise to the top "
+        "as the backbone gets stronger?).",
         "Bar chart of final test accuracy per tuning method, one bar per pre-training "
         "checkpoint (random init, weak, strong), one panel per model, error bars for the "
         "spread over seeds."),
