@@ -144,6 +144,22 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedtune_core import recipes
+
+    pairs = recipes.select(args.model, args.recipe)  # checked without torch
+    if args.jobs is not None:
+        check_int("--jobs", args.jobs, 1, 64)
+    jobs = args.jobs or max(1, min(os.cpu_count() or 1, 4))
+    from fedtune_core import pretrain
+
+    before = {p: recipes.cached(*p) is not None and not args.force for p in pairs}
+    metas = pretrain.ensure_all(pairs, jobs, force=args.force, progress=not args.quiet)
+    for pair, meta in zip(pairs, metas, strict=True):
+        print(pretrain.summary(meta, "cached" if before[pair] else "built"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -172,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--device", default="auto")
     zs.add_argument("--data-dir", default=None)
     zs.set_defaults(func=cmd_zeroshot)
+
+    pre = sub.add_parser("pretrain", help="build (or report cached) pre-trained tiny checkpoints")
+    pre.add_argument("--model", default="all", help="clip-tiny, vit-tiny or all (default)")
+    pre.add_argument("--recipe", default="all", help="glyphs-weak, glyphs-strong or all (default)")
+    pre.add_argument("--jobs", type=int, default=None,
+                     help="checkpoints built in parallel processes (default: CPU cores, max 4)")
+    pre.add_argument("--force", action="store_true", help="build again even if cached")
+    pre.add_argument("--quiet", action="store_true", help="no progress bars")
+    pre.set_defaults(func=cmd_pretrain)
 
     from fedtune_core import grid
 

@@ -63,7 +63,7 @@ class RunConfig:
     """
 
     model: str = "vit-tiny"  # backbone name, see specs.BACKBONES
-    weights: str = "auto"  # auto (the backbone's hub tag), none, a hub tag or a checkpoint file
+    weights: str = "auto"  # auto (hub tag; tiny: glyphs-strong), none, hub tag, recipe or file
     quick_gelu: bool | None = None  # CLIP's activation; None: from the weights (see models.py)
     method: str = "bias"  # tuning method, see tuning.METHODS
     method_options: Mapping[str, Any] = field(default_factory=dict)  # the method's own knobs
@@ -97,12 +97,12 @@ class RunConfig:
         list the known tags), so the CLI rejects bad input in milliseconds. What needs the
         data (does the partition fit?) is checked when the run loads it, before training.
         """
-        from fedtune_core import checks, partition, specs, tuning
+        from fedtune_core import checks, partition, recipes, specs, tuning
 
         for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode"):
             check_str(name, getattr(self, name))
         check_choice("model", self.model, specs.BACKBONES)
-        specs.check_weights(self.model, self.weights)
+        recipes.check_run_weights(self.model, self.weights)  # specs.check_weights, and hashes
         specs.check_quick_gelu(self.model, self.weights, self.quick_gelu)
         check_choice("tuning method", self.method, tuning.METHODS)
         tuning.method_config(self.method, self.method_options)
@@ -128,10 +128,15 @@ class RunConfig:
         return self.lr if self.lr is not None else tuning.default_lr(self.method, self.optimizer)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready dict of the config, method options resolved to full values."""
-        from fedtune_core import tuning
+        """Plain, JSON-ready dict of the config, method options resolved to full values.
+
+        Pre-training recipe weights (``auto`` on the tiny models) become ``<recipe>@<hash>``,
+        so a changed recipe is a different run.
+        """
+        from fedtune_core import recipes, tuning
 
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["weights"] = recipes.weights_id(self.model, self.weights)
         out["method_options"] = dataclasses.asdict(
             tuning.method_config(self.method, self.method_options))
         out["lr"] = self.resolved_lr

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fedtune_core import data, models, partition, tuning
+from fedtune_core import data, models, partition, pretrain, recipes, tuning
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, Diverged
 
@@ -359,7 +359,7 @@ def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | Non
     cfg = RunConfig(model=model, weights=weights, dataset=dataset, method="head")  # validates
     dev = pick_device(device)
     data_ = data.load(dataset, data_root)
-    net = models.build(model, data_.class_names, weights)
+    net = pretrain.build(model, data_.class_names, weights, progress=True)
     return Trainer(net, [], cfg, dev).evaluate(data_.test.to(dev))[0]
 
 
@@ -407,7 +407,8 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
                                     cfg.seed, cfg.local_test_fraction,
                                     num_classes=len(dataset.class_names))  # fits? before building
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, dataset.class_names, cfg.weights, quick_gelu=cfg.quick_gelu)
+    model = pretrain.build(cfg.model, dataset.class_names, cfg.weights,
+                           quick_gelu=cfg.quick_gelu, progress=progress)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
     as_built = Trainer(model, [], cfg, dev).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
@@ -428,4 +429,5 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
 def _weights_info(cfg: RunConfig) -> dict[str, Any]:
     kind, source = models.resolve_weights(cfg.model, cfg.weights)
     quick, why = models.resolve_quick_gelu(cfg.model, cfg.weights, cfg.quick_gelu)
-    return {"kind": kind, "source": source, "quick_gelu": quick, "quick_gelu_from": why}
+    return ({"kind": kind, "source": source, "quick_gelu": quick, "quick_gelu_from": why}
+            | recipes.describe(cfg.model, cfg.weights))

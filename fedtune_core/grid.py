@@ -106,13 +106,16 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     """Check, then run, every config of ``cfgs`` without a record that spares it."""
     from tqdm import tqdm
 
-    from fedtune_core import preflight
+    from fedtune_core import preflight, pretrain, recipes
     from fedtune_core import results as res
 
     todo = cfgs if force else [c for c in cfgs
                                if res.kept(results, c, retry_failed=retry_failed) is None]
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
              len(todo))
+    # every pre-trained checkpoint first, in parallel, rather than one per worker on demand
+    pretrain.ensure_all(recipes.needed((c.model, c.weights) for c in todo), jobs,
+                        progress=progress)
     preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     args = (str(results), device, data_root, force, retry_failed)

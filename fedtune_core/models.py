@@ -100,7 +100,8 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
     Args:
         model: a name in :data:`BACKBONES`.
         class_names: the dataset's classes, in label order (CLIP's head is built from them).
-        weights: ``auto``, ``none``, a hub tag, or a local checkpoint file.
+        weights: ``auto``, ``none``, a hub tag, or a local checkpoint file. Recipe weights
+            (the tiny models' ``auto``) are built by :func:`fedtune_core.pretrain.build`.
         text_head: CLIP only: initialise the head from the text embeddings of the class
             prompts (zero-shot head). False leaves a random head (parameter counting).
         quick_gelu: CLIP only: True/False forces the activation; None (auto) follows the
@@ -110,6 +111,11 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
         ConfigError: unknown model, bad weights value, or weights that cannot be loaded.
     """
     kind, source = resolve_weights(model, weights)
+    if kind == "recipe":
+        raise ConfigError(f"weights {source!r} of {model} are fedtune's own pre-training: build "
+                          "the model with fedtune_core.pretrain.build (runs do), or pass the "
+                          f"checkpoint file that `fedtune pretrain --model {model} --recipe "
+                          f"{source}` prints")
     quick, _ = resolve_quick_gelu(model, weights, quick_gelu)  # a contradiction stops here
     spec = BACKBONES[model]
     builder = _BUILDERS[spec.family]
@@ -148,7 +154,7 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     import open_clip
 
     # The activation: from the weights or the config (specs.resolve_quick_gelu).
-    with _quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
+    with quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
         clip = open_clip.create_model(spec.arch, pretrained=source if kind == "hub" else None,
                                       force_quick_gelu=quick_gelu)
     if uses_quick_gelu(clip.visual) != quick_gelu:
@@ -193,7 +199,8 @@ def uses_quick_gelu(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger(quiet: bool):
+def quiet_root_logger(quiet: bool):
+    """Silence the root logger while the block runs (if ``quiet``)."""
     root = logging.getLogger()
     level = root.level
     if quiet:

@@ -44,10 +44,12 @@ def check_partitions(cfgs: Iterable[RunConfig], data_root: str | None = None) ->
 def check_weights(pairs: Iterable[tuple[str, str]]) -> None:
     """Build each (model, weights) once with its weights: files must fit, the hub must answer.
 
-    The weights then sit in the hub's cache, so the runs do not each download them.
+    The weights then sit in the hub's cache, so the runs do not each download them; a
+    pre-training recipe's checkpoint is built if it is missing (the grid builds them all
+    first, in parallel: :func:`fedtune_core.pretrain.ensure_all`).
     """
-    from fedtune_core import models
+    from fedtune_core import models, pretrain
 
     for model, weights in sorted(pairs):
         if models.resolve_weights(model, weights)[0] != "none":
-            models.build(model, ["a", "b"], weights, text_head=False)
+            pretrain.build(model, ["a", "b"], weights, text_head=False)

@@ -27,6 +27,9 @@ class BackboneSpec:
     arch: str  # open_clip model name or timm model name
     pretrained: str | None  # hub tag used by weights="auto"; None: no pre-trained weights exist
     kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (timm)
+    # fedtune's own pre-training recipes (fedtune_core.recipes), weakest first; without a
+    # hub tag, weights="auto" takes the last
+    recipes: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -34,24 +37,27 @@ BACKBONES: dict[str, BackboneSpec] = {
     "clip-vit-b16": BackboneSpec("open_clip", "ViT-B-16", "openai"),
     "vit-b16": BackboneSpec("timm", "vit_base_patch16_224", "augreg_in21k"),
     "vit-b32": BackboneSpec("timm", "vit_base_patch32_224", "augreg_in21k"),
-    "clip-tiny": BackboneSpec("open_clip", "fedtune-clip-tiny", None),
+    "clip-tiny": BackboneSpec("open_clip", "fedtune-clip-tiny", None,
+                              recipes=("glyphs-weak", "glyphs-strong")),
     "vit-tiny": BackboneSpec("timm", "vit_tiny_patch16_224", None,
-                             dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+                             dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+                             recipes=("glyphs-weak", "glyphs-strong")),
 }
 
 
 def check_weights(model: str, weights: str) -> None:
     """Validate a weights value without touching the network.
 
-    Only a hub tag (neither auto, none nor a file) imports the backbone's library, to list
-    the tags it knows.
+    Only a hub tag (neither auto, none, a recipe nor a file) imports the backbone's
+    library, to list the tags it knows. A recipe may carry its hash (``glyphs-strong@<hash>``,
+    as run records write it); :func:`fedtune_core.recipes.check_run_weights` checks it.
     """
     check_choice("model", model, BACKBONES)
     if not isinstance(weights, str) or not weights:
         raise ConfigError(f"weights must be auto, none, a hub tag or a checkpoint file, "
                           f"got {weights!r}")
     spec = BACKBONES[model]
-    if weights in ("auto", "none"):
+    if weights in ("auto", "none") or weights.partition("@")[0] in spec.recipes:
         return
     if _looks_like_path(weights):
         if not Path(weights).is_file():
@@ -59,7 +65,8 @@ def check_weights(model: str, weights: str) -> None:
                               "an existing local checkpoint file, a hub tag, auto or none")
         return
     tags = hub_tags(spec)
-    check_choice(f"hub tag for {model}", weights, tags + ["auto", "none", "a checkpoint file"])
+    check_choice(f"weights for {model}", weights,
+                 [*spec.recipes, *tags, "auto", "none", "a checkpoint file"])
 
 
 def hub_tags(spec: BackboneSpec) -> list[str]:
@@ -78,10 +85,11 @@ def _looks_like_path(weights: str) -> bool:
 
 
 def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
-    """Turn a weights value into ``(kind, source)``: ('none', None), ('file', path), ('hub', tag).
+    """Turn a weights value into ``(kind, source)``: ('none', None), ('file', path),
+    ('hub', tag) or ('recipe', name): fedtune's own pre-training (fedtune_core.pretrain).
 
     ``auto`` takes ``$FEDTUNE_WEIGHTS_DIR/<model>.<suffix>`` if such a file exists, else
-    the backbone's hub tag, else (tiny variants) no weights.
+    the backbone's hub tag, else (tiny variants) its strongest recipe.
     """
     check_weights(model, weights)
     spec = BACKBONES[model]
@@ -91,9 +99,13 @@ def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
             path = Path(folder, model + suffix)
             if path.is_file():
                 return "file", str(path)
-        return ("hub", spec.pretrained) if spec.pretrained else ("none", None)
+        if spec.pretrained:
+            return "hub", spec.pretrained
+        return ("recipe", spec.recipes[-1]) if spec.recipes else ("none", None)
     if weights == "none":
         return "none", None
+    if weights.partition("@")[0] in spec.recipes:
+        return "recipe", weights.partition("@")[0]
     if _looks_like_path(weights):
         return "file", weights
     return "hub", weights

@@ -5,6 +5,7 @@ huggingface_hub (which reads HF_HUB_OFFLINE once, when it is first imported) or 
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -13,6 +14,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # the threads spin-wait at every barrier: measured 150-200 s instead of 3-5 s for the
 # 8-round FedAvg test. Override with OMP_NUM_THREADS=N.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Pre-trained checkpoints and glyph corpora go to a temporary cache, never ~/.cache/fedtune
+# (set before anything reads it; subprocesses inherit it).
+_CACHE = tempfile.TemporaryDirectory(prefix="fedtune-test-cache-")
+os.environ["FEDTUNE_CACHE_DIR"] = _CACHE.name
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -72,7 +72,7 @@ def test_weights_dir_is_used_by_auto(tmp_path, monkeypatch):
     assert models.resolve_weights("vit-tiny", "auto") == ("file", str(path))
     # other backbones without a file there fall back to their hub tag / no weights
     assert models.resolve_weights("vit-b16", "auto") == ("hub", "augreg_in21k")
-    assert models.resolve_weights("clip-tiny", "auto") == ("none", None)
+    assert models.resolve_weights("clip-tiny", "auto") == ("recipe", "glyphs-strong")
     assert models.resolve_weights("vit-tiny", "none") == ("none", None)
 
     torch.manual_seed(2)
@@ -84,7 +84,7 @@ def test_resolve_weights_without_weights_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("FEDTUNE_WEIGHTS_DIR", raising=False)
     assert models.resolve_weights("vit-b32", "auto") == ("hub", "augreg_in21k")
     assert models.resolve_weights("clip-vit-b32", "auto") == ("hub", "openai")
-    assert models.resolve_weights("vit-tiny", "auto") == ("none", None)
+    assert models.resolve_weights("vit-tiny", "auto") == ("recipe", "glyphs-strong")
     path = tmp_path / "w.pt"
     path.write_bytes(b"")
     assert models.resolve_weights("vit-b16", str(path)) == ("file", str(path))
