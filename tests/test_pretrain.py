@@ -282,3 +282,55 @@ def test_pretrain_command_checks_its_arguments_without_importing_torch(tmp_path)
                           cwd=tmp_path, timeout=120)
     assert proc.stdout.split() == ["2", "2", "2", "[]"], proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 3
+
+
+GRID = """
+description = "pre-training in a grid"
+seeds = [0]
+[base]
+dataset = "digits"
+partition = "iid"
+clients = 2
+sample = 2
+rounds = 1
+batch_size = 64
+optimizer = "adamw"
+[lr]
+head = 3e-3
+[variants]
+head = { method = "head" }
+[[tuning_methods]]
+model = ["vit-tiny", "clip-tiny"]
+variant = "head"
+weights = ["none", "glyphs-weak", "auto"]
+"""
+
+
+def test_a_grid_builds_its_checkpoints_first_and_records_them(no_probe, monkeypatch, tmp_path):
+    from fedtune_core import grid, profile
+
+    for name, steps in (("glyphs-weak", 42), ("glyphs-strong", 43)):  # not built before
+        monkeypatch.setitem(recipes.RECIPES, name, dataclasses.replace(QUICK, steps=steps))
+
+    path = tmp_path / "pre.toml"
+    path.write_text(GRID)
+    trained, real = [], pretrain.train
+
+    def counting(model, recipe, *args, **kwargs):
+        trained.append((model, recipe.steps))
+        return real(model, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train", counting)
+    records = grid.ensure(profile.load_profile(path), tmp_path / "results", jobs=1,
+                          progress=False)
+    assert sorted(trained) == [("clip-tiny", 42), ("clip-tiny", 43), ("vit-tiny", 42),
+                               ("vit-tiny", 43)], "each checkpoint once, before the runs"
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    named = {(r["config"]["model"], r["config"]["weights"]): r["weights"] for r in records}
+    for model in MODELS:
+        assert named[(model, "none")]["kind"] == "none"
+        for name in ("glyphs-weak", "glyphs-strong"):
+            meta = recipes.cached(model, name)
+            assert named[(model, f"{name}@{meta['hash']}")]["recipe"] == name
+    grid.ensure(profile.load_profile(path), tmp_path / "results", jobs=1, progress=False)
+    assert len(trained) == 4, "the second grid trains nothing"

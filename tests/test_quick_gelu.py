@@ -24,7 +24,7 @@ def clip_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     torch.manual_seed(1)
     clip = open_clip.create_model("fedtune-clip-tiny").eval()
-    example = (torch.randn(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long))
+    example = (torch.randn(1, 3, 32, 32), torch.zeros(1, clip.context_length, dtype=torch.long))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter; the archive is all we need
         torch.jit.trace(clip, example, check_trace=False, strict=False).save(folder / "jit.pt")
