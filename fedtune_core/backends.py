@@ -2,7 +2,7 @@
 
 :func:`run` yields ``(config, record)`` as each run ends, whichever backend ran it:
 
-- ``pool``: local worker processes (forked), ``jobs`` at a time (with one job, runs go in this
+- ``pool``: local worker processes, ``jobs`` at a time (with one job, runs go in this
   process, with a progress bar over their rounds). A worker that dies (killed by a signal,
   out of memory, a segfault) becomes a failed record naming how it ended; a fresh worker
   takes its place and the rest of the grid goes on. On a machine with several GPUs, worker
@@ -167,18 +167,17 @@ def _gpu_slots(device: str | None, jobs: int) -> list[str | None]:
     return [ids[i % len(ids)] for i in range(jobs)]
 
 
-def _context():
-    """fork where it is safe: workers share this process's imports (the smoke grid, 2 jobs,
-    took 23-25 s with fork and 54-56 s with spawn here); spawn once CUDA is set up here."""
-    import torch
-
-    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+def _context(device: str | None):
+    """fork for CPU runs: workers share this process's imports (the smoke grid, 2 jobs, took
+    23-25 s with fork and 54-56 s with spawn here); spawn for CUDA runs, since CUDA does not
+    survive a fork once this process has asked it anything (e.g. is_available())."""
+    if "fork" in mp.get_all_start_methods() and fl.pick_device(device).type == "cpu":
         return mp.get_context("fork")
     return mp.get_context("spawn")
 
 
 def _pool(cfgs: list[RunConfig], where: Placement) -> Done:
-    ctx = _context()
+    ctx = _context(where.device)
     todo = deque(cfgs)
     gpus = _gpu_slots(where.device, min(where.jobs, len(todo)))
     workers = [_Worker(ctx, gpu) for gpu in gpus]
