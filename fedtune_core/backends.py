@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
@@ -38,6 +38,7 @@ RAY_INSTALL = "pip install -e '.[ray]'"
 # itself with SIGKILL, standing in for an out-of-memory kill or a segfault in the tests.
 TEST_SIGKILL_ENV = "FEDTUNE_TEST_SIGKILL"
 Done = Iterator[tuple[RunConfig, dict]]
+Claim = Callable[[RunConfig], bool]  # called just before a run starts; False: skip it
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ def work(cfg: RunConfig, device: str | None, data_root: str | None,
                            record_config_errors=True)
 
 
-def run(backend: str, cfgs: Sequence[RunConfig], where: Placement,
-        progress: bool = False) -> Done:
+def run(backend: str, cfgs: Sequence[RunConfig], where: Placement, progress: bool = False,
+        claim: Claim | None = None) -> Done:
     """Execute ``cfgs`` on ``backend``; yield each ``(config, record)`` as its run ends.
 
     Args:
@@ -73,19 +74,43 @@ def run(backend: str, cfgs: Sequence[RunConfig], where: Placement,
         cfgs: the runs to compute (the caller has already skipped cached ones).
         where: device, data folder, parallelism.
         progress: a bar over each run's rounds where runs go one at a time in this process.
+        claim: asked about each run just before it starts (the driver takes its lock
+            there); a run it refuses is skipped and yields nothing.
 
     Raises:
         ConfigError: an unknown backend, or ``ray`` without Ray installed.
     """
     check_choice("backend", backend, BACKENDS)
+    todo = _Queue(cfgs, claim or (lambda cfg: True))
     if backend == "ray":
-        return _ray(list(cfgs), where)
+        return _ray(todo, where)
     if where.address is not None:
         raise ConfigError(f"--address {where.address!r} is for the ray backend; the pool "
                           "backend runs on this machine (use --backend ray)")
     if where.jobs <= 1 or len(cfgs) <= 1:
-        return ((c, work(c, where.device, where.data_root, progress)) for c in cfgs)
-    return _pool(list(cfgs), where)
+        return ((c, work(c, where.device, where.data_root, progress)) for c in todo)
+    return _pool(todo, where)
+
+
+class _Queue:
+    """The runs still to start, each claimed as it is taken (see :func:`run`)."""
+
+    def __init__(self, cfgs: Sequence[RunConfig], claim: Claim):
+        self.cfgs, self.claim = deque(cfgs), claim
+
+    def __len__(self) -> int:
+        return len(self.cfgs)
+
+    def take(self) -> RunConfig | None:
+        """The next run its claim accepts; None when there is none left."""
+        while self.cfgs:
+            if self.claim(cfg := self.cfgs.popleft()):
+                return cfg
+        return None
+
+    def __iter__(self) -> Iterator[RunConfig]:
+        while (cfg := self.take()) is not None:
+            yield cfg
 
 
 # ---- the local pool -------------------------------------------------------------------
@@ -117,9 +142,11 @@ class _Worker:
         self.cfg: RunConfig | None = None
         self.started = 0.0
 
-    def give(self, cfg: RunConfig, where: Placement) -> None:
+    def give(self, cfg: RunConfig | None, where: Placement) -> None:
+        """Start ``cfg`` on this worker (None: nothing left, stay idle)."""
         self.cfg, self.started = cfg, time.perf_counter()
-        self.conn.send((cfg, where.device, where.data_root))
+        if cfg is not None:
+            self.conn.send((cfg, where.device, where.data_root))
 
     def result(self) -> dict | None:
         """The finished run's record; a failed one if the worker died; None while it runs."""
@@ -176,25 +203,23 @@ def _context(device: str | None):
     return mp.get_context("spawn")
 
 
-def _pool(cfgs: list[RunConfig], where: Placement) -> Done:
+def _pool(todo: _Queue, where: Placement) -> Done:
     ctx = _context(where.device)
-    todo = deque(cfgs)
     gpus = _gpu_slots(where.device, min(where.jobs, len(todo)))
-    workers = [_Worker(ctx, gpu) for gpu in gpus]
+    workers = [_Worker(ctx, gpu) for gpu in gpus]  # started before any run is claimed
     try:
         for w in workers:
-            w.give(todo.popleft(), where)
+            w.give(todo.take(), where)
         while busy := [w for w in workers if w.cfg is not None]:
             wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
             for i, w in enumerate(workers):
                 if w.cfg is None or (record := w.result()) is None:
                     continue
                 cfg, w.cfg = w.cfg, None
-                if not w.proc.is_alive():
+                if not w.proc.is_alive():  # spawned: no fork holding the driver's run locks
                     w.stop()
-                    w = workers[i] = _Worker(ctx, gpus[i])
-                if todo:
-                    w.give(todo.popleft(), where)
+                    w = workers[i] = _Worker(mp.get_context("spawn"), gpus[i])
+                w.give(todo.take(), where)
                 yield cfg, record
     finally:
         for w in workers:
@@ -208,7 +233,7 @@ def _ray_task(cfg: RunConfig, device: str | None, data_root: str | None) -> dict
     return work(cfg, device, data_root)
 
 
-def _ray(cfgs: list[RunConfig], where: Placement) -> Done:
+def _ray(todo: _Queue, where: Placement) -> Done:
     """Check what can be checked before anything starts, then the generator of records."""
     try:
         import ray
@@ -218,10 +243,10 @@ def _ray(cfgs: list[RunConfig], where: Placement) -> Done:
     if where.device not in (None, "auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {where.device!r} for the ray backend (devices are "
                           "as each worker sees them); valid choices: auto, cpu, cuda")
-    return _ray_session(ray, cfgs, where)
+    return _ray_session(ray, todo, where)
 
 
-def _ray_session(ray, cfgs: list[RunConfig], where: Placement) -> Done:
+def _ray_session(ray, todo: _Queue, where: Placement) -> Done:
     """Join the Ray instance already initialised, or start / connect one and end it after."""
     started = not ray.is_initialized()
     if started:
@@ -229,14 +254,16 @@ def _ray_session(ray, cfgs: list[RunConfig], where: Placement) -> Done:
         ray.init(address=where.address, include_dashboard=False, log_to_driver=False,
                  **local)
     try:
-        yield from _ray_tasks(ray, cfgs, where)
+        yield from _ray_tasks(ray, todo, where)
     finally:
         if started:
             ray.shutdown()
 
 
-def _ray_tasks(ray, cfgs: list[RunConfig], where: Placement) -> Done:
-    gpus = ray.cluster_resources().get("GPU", 0)
+def _ray_tasks(ray, todo: _Queue, where: Placement) -> Done:
+    """Tasks in a window of twice the cluster's CPUs: runs are claimed as they enter it."""
+    resources = ray.cluster_resources()
+    gpus, window = resources.get("GPU", 0), max(4, 2 * int(resources.get("CPU", 2)))
     if where.device == "cuda" and not gpus:
         raise ConfigError("device 'cuda' but the Ray cluster has no GPU; valid choices: "
                           "auto, cpu")
@@ -245,9 +272,13 @@ def _ray_tasks(ray, cfgs: list[RunConfig], where: Placement) -> Done:
         need["num_gpus"] = where.gpus_per_run
     env = {k: v for k, v in os.environ.items() if k.startswith("FEDTUNE_") or k.startswith("HF_")}
     task = ray.remote(_ray_task).options(max_retries=0, runtime_env={"env_vars": env}, **need)
-    pending = {task.remote(c, where.device, where.data_root): c for c in cfgs}
+    pending: dict = {}
     try:
-        while pending:
+        while True:
+            while len(pending) < window and (cfg := todo.take()) is not None:
+                pending[task.remote(cfg, where.device, where.data_root)] = cfg
+            if not pending:
+                break
             done, _ = ray.wait(list(pending), num_returns=1)
             cfg = pending.pop(done[0])
             try:

@@ -101,7 +101,11 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
                  device: str | None, data_root: str | None, force: bool, retry_failed: bool,
                  progress: bool, backend: str, where) -> None:
     """Check, then run on ``backend``, every config of ``cfgs`` without a record that spares
-    it; write each record here as its run ends."""
+    it; write each record here as its run ends.
+
+    This process holds each run's lock from its start to its record: a run another process
+    (another grid on this folder) is computing is skipped at first, then waited for, and
+    its record used."""
     from tqdm import tqdm
 
     from fedtune_core import backends, preflight
@@ -113,11 +117,58 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
              len(todo))
     preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
-    if todo:
-        for cfg, record in backends.run(backend, todo, where, progress):
-            res.write_json(res.record_path(results, cfg), record)
-            bar.update()
+    for wait in (False, True):  # then the runs other processes were computing
+        if not todo:
+            break
+        with _Claims(results, force, retry_failed, wait, bar) as claims:
+            for cfg, record in backends.run(backend, todo, where, progress, claims.take):
+                claims.finish(cfg, record)
+        todo = claims.busy
     bar.close()
+
+
+class _Claims:
+    """The run locks this process (the driver) holds while a backend computes the runs."""
+
+    def __init__(self, results: str | os.PathLike, force: bool, retry_failed: bool,
+                 wait: bool, bar):
+        self.results, self.force, self.retry_failed = results, force, retry_failed
+        self.wait, self.bar = wait, bar
+        self.locks: dict = {}
+        self.busy: list[RunConfig] = []  # held by another process (when not waiting)
+
+    def take(self, cfg: RunConfig) -> bool:
+        """Lock ``cfg`` before it starts; False if another process holds it or has just
+        finished it (then its record is used)."""
+        from fedtune_core import results as res
+        from fedtune_core import store
+
+        lock = store.RunLock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
+        if not lock.held:
+            self.busy.append(cfg)
+            return False
+        if not self.force and res.kept(self.results, cfg, retry_failed=self.retry_failed,
+                                       warn=False):
+            lock.__exit__(None, None, None)
+            self.bar.update()
+            return False
+        self.locks[cfg.hash] = lock
+        return True
+
+    def finish(self, cfg: RunConfig, record: dict) -> None:
+        """Write the record of ``cfg`` (atomically), then let go of its lock."""
+        from fedtune_core import results as res
+
+        res.write_json(res.record_path(self.results, cfg), record)
+        self.locks.pop(cfg.hash).__exit__(None, None, None)
+        self.bar.update()
+
+    def __enter__(self) -> _Claims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in self.locks.values():  # runs that never finished (an interrupted grid)
+            lock.__exit__(None, None, None)
 
 
 def collect(profile: Profile, results: str | os.PathLike,
