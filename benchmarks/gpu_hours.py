@@ -32,22 +32,29 @@ ANCHOR_IMG_S = 1459.0  # ViT-B/16 training images/s on one H100
 
 
 def images(cfg: RunConfig) -> tuple[float, float]:
-    """(images trained on, images only forwarded) by one run of ``cfg``."""
+    """(images trained on, images only forwarded) by one run of ``cfg``.
+
+    Every mode is compute-matched to FedAvg (local clients train in the rounds FedAvg's
+    sampler picks them; central processes FedAvg's samples per round). A validation run
+    (a learning-rate sweep) holds ``val_fraction`` of each client's training split out and
+    evaluates on those images instead of the test set.
+    """
     n_train, n_test, classes = SIZES[cfg.dataset]
     labels = np.repeat(np.arange(classes), n_train // classes)  # CIFAR is balanced
     parts = partition.split_clients(labels, cfg.partition, cfg.clients, cfg.seed,
                                     cfg.local_test_fraction, num_classes=classes)
-    train = np.array([len(t) for t in parts.train], dtype=float)
-    own = train.sum() + sum(len(t) for t in parts.test)  # final per-client evaluations
-    evals = 1 + sum(r % cfg.eval_every == 0 or r == cfg.rounds for r in range(1, cfg.rounds + 1))
+    train = np.array([len(t) for t in parts.train], dtype=float) * (1 - cfg.val_fraction)
+    held = sum(len(t) for t in parts.train) * cfg.val_fraction
+    evaluation = held if cfg.val_fraction else n_test
+    own = train.sum() + (held or sum(len(t) for t in parts.test))  # final per-client evals
+    evals = sum(r % cfg.eval_every == 0 or r == cfg.rounds for r in range(1, cfg.rounds + 1))
+    before = 2 * evaluation  # as built (zero-shot) and with the method's modules added
     if cfg.method == "head":  # cached features: the encoder runs once; the head is free
-        return 0.0, float(n_train + n_test)
-    epochs = cfg.rounds * cfg.local_epochs
-    if cfg.mode == "fl":
-        return epochs * cfg.sample * train.mean(), evals * n_test + own
-    if cfg.mode == "local":  # every client alone, evaluated on the global test set each time
-        return epochs * train.sum(), (1 + (evals - 1) * cfg.clients) * n_test + own
-    return epochs * train.sum(), evals * n_test + own  # central
+        return 0.0, float(n_train + (0 if cfg.val_fraction else n_test) + evaluation)
+    trained = cfg.rounds * cfg.local_epochs * cfg.sample * train.mean()
+    if cfg.mode == "local":  # every client's own model on the evaluation set (at most)
+        return trained, before + evals * cfg.clients * evaluation + own
+    return trained, before + evals * evaluation + own
 
 
 def gpu_hours(cfg: RunConfig, img_s: float, cached: bool = True) -> float:
@@ -75,23 +82,24 @@ def main() -> None:
           f"training images/s per GPU = {rate:,.0f} TFLOP/s")
     print(f"{'experiment':<16}{'backbone':<14}{'runs':>6}{'M img trained':>15}"
           f"{'M img forward':>15}{'GPU-hours':>11}")
-    names = [*profile.experiments, None]
-    for name in names:
+    groups = {name: [p.cfg for p in profile.planned(name)] for name in profile.experiments}
+    groups["lr sweeps"] = profile.sweeps()
+    groups["all (unique)"] = [p.cfg for p in profile.planned()] + profile.sweeps()
+    for name, cfgs in groups.items():
         table: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
-        for cfg in profile.runs(name):
+        for cfg in cfgs:
             row, (trained, forwarded) = table[cfg.model], images(cfg)
             row[0] += 1
             row[1] += trained / 1e6
             row[2] += forwarded / 1e6
             row[3] += gpu_hours(cfg, args.img_s)
         for model, (runs, trained, forwarded, hours) in sorted(table.items()):
-            label = name or "all (unique)"
-            print(f"{label:<16}{model:<14}{runs:>6}{trained:>15.1f}{forwarded:>15.1f}"
+            print(f"{name:<16}{model:<14}{runs:>6}{trained:>15.1f}{forwarded:>15.1f}"
                   f"{hours:>11.1f}")
         total = sum(r[3] for r in table.values())
-        print(f"{name or 'all (unique)':<16}{'total':<14}{sum(r[0] for r in table.values()):>6}"
+        print(f"{name:<16}{'total':<14}{sum(r[0] for r in table.values()):>6}"
               f"{'':>30}{total:>11.1f}")
-    heads = [c for c in profile.runs() if c.method == "head"]
+    heads = [c for c in groups["all (unique)"] if c.method == "head"]
     saved = sum(gpu_hours(c, args.img_s, cached=False) - gpu_hours(c, args.img_s) for c in heads)
     print(f"Head-only on cached features saves about {saved:.1f} GPU-hours over its "
           f"{len(heads)} runs (vs the encoder on every batch of every round).")

@@ -130,7 +130,8 @@ def grid_throughput(jobs: int) -> None:
     """The smoke profile on each backend from scratch (Ray: including starting it)."""
     from fedtune_core.grid import load_profile
 
-    runs = len(load_profile("smoke").runs())
+    profile = load_profile("smoke")
+    runs = len(profile.planned()) + len(profile.sweeps())  # learning-rate sweeps included
     fedtune = str(Path(sys.executable).with_name("fedtune"))
     print(f"\n3. Grid throughput, smoke profile ({runs} runs of tiny models), {jobs} at a time")
     print(f"{'backend':<10}{'wall s':>8}{'runs/min':>10}")
