@@ -264,6 +264,7 @@ def _log_to_stdout() -> None:
     if not any(isinstance(h, _Print) for h in package.handlers):
         package.addHandler(_Print())
     package.setLevel(logging.INFO)
+    package.propagate = False  # open_clip's logging.info() gives the root logger a handler too
 
 
 def cmd_index(args) -> int:

@@ -161,3 +161,29 @@ def test_a_bad_gpus_per_run_in_a_profile_fails_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"tiny.toml: gpus_per_run must be a number > 0 "
                                           r"and <= 1 .*, got 2"):
         grid.load_profile(path)
+
+
+def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd):
+    from fedtune_core import results, store
+
+    profile = grid.load_profile(_profile(tmp_path, [0]))
+    held = profile.runs()[0]
+    out = tmp_path / "res"
+    # holds the lock until the grid has written the other three records, then 5 s more
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from fedtune_core import store\n"
+         "with store.RunLock(sys.argv[1]) as lock:\n    print(lock.held, flush=True)\n"
+         "    while len(list(Path(sys.argv[1]).parent.glob('*.json'))) < 3:\n"
+         "        time.sleep(0.05)\n    time.sleep(5)",
+         str(results.record_path(out, held))], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    try:
+        records = grid.ensure(profile, out, jobs=2, progress=False, device="cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert f"run {held.hash} is being computed by pid {holder.pid}" in capfd.readouterr().err
+    assert not list((out / "runs").glob("*.lock"))
+    assert store.clean_stale(out / "runs") == 0
