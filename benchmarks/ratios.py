@@ -97,7 +97,7 @@ def step_table(models_: list[str], batch: int, steps: int, device: str) -> None:
             mfu = (f"{ips * 3 * FWD_GFLOPS[name] / (peak * 1e3):>7.1%}"
                    if peak and variant == "full" else f"{'':>7}")
             print(f"{name:<14}{variant:<13}{out['seconds']:>9.3f}{out['seconds'] / full:>8.2f}"
-                  f"{out['peak_mb']:>26.0f}{ips:>9.1f}{mfu}", flush=True)
+                  f"{out['peak_mb']:>26.0f}{ips:>9.1f}{mfu}".rstrip(), flush=True)
 
 
 def cached_round(model_name: str, clients: int, per_client: int, batch: int,
@@ -148,13 +148,14 @@ def grid_throughput(jobs: int) -> None:
 
 
 def _same_metrics(a: Path, b: Path) -> bool:
-    keys = ("test_acc", "test_loss", "train_loss", "bytes_up", "bytes_down")
-    for path in a.glob("*.json"):
-        ra, rb = (json.loads(p.read_text()) for p in (path, b / path.name))
-        if ra["final"] != rb["final"] or [[r[k] for k in keys] for r in ra["rounds"]] != [
-                [r[k] for k in keys] for r in rb["rounds"]]:
-            return False
-    return True
+    """Every record of ``a`` has the same final metrics and rounds (but timings) in ``b``."""
+    def metrics(path: Path) -> tuple:
+        rec = json.loads(path.read_text())
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rec["rounds"]]
+        return rec["status"], rec["final"], rows
+
+    paths = sorted(a.glob("*.json"))
+    return bool(paths) and all(metrics(p) == metrics(b / p.name) for p in paths)
 
 
 def main() -> None:
