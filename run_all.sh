@@ -13,11 +13,15 @@ set -uo pipefail
 usage() {
     cat <<'USAGE'
 usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--retry-failed] [--jobs N]
-                    [--device DEV] [--results-root DIR] [--data-dir DIR]
+                    [--device DEV] [--backend pool|ray] [--address ADDR]
+                    [--results-root DIR] [--data-dir DIR]
   --profile       demo (default, offline), paper (GPU, weights and CIFAR), smoke, or a .toml file
   --force         recompute every run even if a finished record exists
   --retry-failed  run diverged runs again too (runs that failed otherwise always are)
-  --jobs          runs in parallel processes (default: 1 on GPU, one per core on CPU, max 4)
+  --jobs          pool: runs in parallel processes (default: one per GPU, or one per core
+                  on CPU, max 4); ray: CPUs of the local Ray instance it starts
+  --backend       where runs execute: pool (default, local processes) or ray
+  --address       ray: a running Ray cluster to use (auto, HOST:PORT); default: a local one
   --device        auto (default), cpu, cuda, cuda:1 ...
   --results-root  folder holding results/<profile>/ (default: ./results)
   --data-dir      dataset folder (default: $FEDTUNE_DATA_DIR or ./data)
@@ -28,6 +32,7 @@ USAGE
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 profile=demo rerun=() jobs=0 device=auto results_root="$root/results" data_dir=""
+backend=pool address=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -35,13 +40,16 @@ while [ $# -gt 0 ]; do
         --retry-failed) rerun+=(--retry-failed); shift ;;
         --jobs) jobs="${2:?--jobs needs a value}"; shift 2 ;;
         --device) device="${2:?--device needs a value}"; shift 2 ;;
+        --backend) backend="${2:?--backend needs a value}"; shift 2 ;;
+        --address) address=(--address "${2:?--address needs a value}"); shift 2 ;;
         --results-root) results_root="${2:?--results-root needs a value}"; shift 2 ;;
         --data-dir) data_dir="${2:?--data-dir needs a value}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
-        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --retry-failed, --jobs, --device, --results-root, --data-dir, --help" >&2; exit 2 ;;
+        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --retry-failed, --jobs, --device, --backend, --address, --results-root, --data-dir, --help" >&2; exit 2 ;;
     esac
 done
 case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, got '$jobs'" >&2; exit 2 ;; esac
+case "$backend" in pool|ray) ;; *) echo "run_all.sh: unknown --backend '$backend'; valid choices: pool, ray" >&2; exit 2 ;; esac
 
 source "$root/scripts/ensure_venv.sh" || exit 1
 bin="$root/.venv/bin"
@@ -67,7 +75,7 @@ export FEDTUNE_DATA_DIR="${data_dir:-${FEDTUNE_DATA_DIR:-$root/data}}"
 
 echo "== 1/3 runs"
 "$bin/fedtune" grid --profile "$profile" --results "$out" --jobs "$jobs" --device "$device" \
-    "${rerun[@]}" || failures+=("runs (see 'failed:' lines above)")
+    --backend "$backend" "${address[@]}" "${rerun[@]}" || failures+=("runs (see 'failed:' lines above)")
 
 echo "== 2/3 notebooks"
 for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do

@@ -27,7 +27,11 @@ SPLIT_SEED = 0  # the train/test split of datasets without one is fixed, whateve
 
 @dataclass
 class Split:
-    """Images (uint8, N x 3 x H x W) and labels (int64, N)."""
+    """Images (uint8, N x 3 x H x W) and labels (int64, N).
+
+    In a trainer's feature view (:meth:`fedtune_core.fl.Trainer.to_features`) ``images``
+    holds the encoder's features instead (float32, N x width).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from fedtune_core import selection
@@ -60,19 +59,11 @@ def rates(profile: Profile, results: str | os.PathLike,
     return selection.rates(selection.decide(profile.groups(experiment), results))
 
 
-def _run_one(cfg: RunConfig, results: str, device: str | None, data_root: str | None,
-             force: bool, retry_failed: bool, wait: bool, progress: bool = False) -> bool:
-    """Run ``cfg`` (see :func:`fedtune_core.results.run`); False if another process holds it."""
-    from fedtune_core import results as res
-
-    return res.run(cfg, results, device=device, data_root=data_root, force=force,
-                   retry_failed=retry_failed, progress=progress, record_config_errors=True,
-                   wait=wait) is not None
-
-
 def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None = None, *,
            device: str | None = None, data_root: str | None = None, force: bool = False,
-           retry_failed: bool = False, jobs: int = 1, progress: bool = True) -> list[dict]:
+           retry_failed: bool = False, jobs: int = 1, progress: bool = True,
+           backend: str = "pool", address: str | None = None,
+           gpus_per_run: float | None = None) -> list[dict]:
     """Make sure every run of ``experiment`` (or all) has a record; return the records.
 
     First the learning-rate sweeps it needs, then its runs at the chosen rates (a group
@@ -80,19 +71,25 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     it). Cached runs are skipped (and diverged ones unless ``retry_failed``); the others
     are first checked (:func:`fedtune_core.preflight.check`: one line if one cannot start),
     then run (``jobs`` processes at a time), each written the moment it ends, so an
-    interrupted grid resumes where it stopped. Failed runs are recorded as failed and the
-    grid goes on. A run that another process (another grid on this folder) is computing is
+    interrupted grid resumes where it stopped. Runs go to ``backend`` (``pool``: ``jobs``
+    local processes; ``ray``: a Ray instance, local or at ``address``, each run asking for
+    ``gpus_per_run`` GPUs on CUDA, default the profile's); records are written here alone.
+    Failed runs, including runs whose worker died, are recorded as failed and the grid goes
+    on. A run that another process (another grid on this folder) is computing is
     skipped at first, then waited for, and its record used. The counts of runs, cached and
     to run, are logged (``fedtune grid`` prints them; a notebook's report stays free of
     them).
     """
-    from fedtune_core import store
+    from fedtune_core import backends, store
     from fedtune_core.fl import set_cpu_threads
 
     set_cpu_threads()
+    where = backends.Placement(device, data_root, jobs, address,
+                               gpus_per_run or profile.gpus_per_run)
+    backends.run(backend, [], where)  # bad backend settings: one line before anything else
     store.clean_stale(Path(results, "runs"))
     options = dict(device=device, data_root=data_root, force=force,
-                   retry_failed=retry_failed, jobs=jobs, progress=progress)
+                   retry_failed=retry_failed, progress=progress, backend=backend, where=where)
     if sweeps := profile.sweeps(experiment):
         _ensure_runs(sweeps, results, f"{profile.name}/lr sweeps", **options)
     cfgs = profile.runs(experiment, rates(profile, results, experiment))
@@ -102,11 +99,16 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
 
 def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,
                  device: str | None, data_root: str | None, force: bool, retry_failed: bool,
-                 jobs: int, progress: bool) -> None:
-    """Check, then run, every config of ``cfgs`` without a record that spares it."""
+                 progress: bool, backend: str, where) -> None:
+    """Check, then run on ``backend``, every config of ``cfgs`` without a record that spares
+    it; write each record here as its run ends.
+
+    This process holds each run's lock from its start to its record: a run another process
+    (another grid on this folder) is computing is skipped at first, then waited for, and
+    its record used."""
     from tqdm import tqdm
 
-    from fedtune_core import preflight, pretrain, recipes
+    from fedtune_core import backends, preflight, pretrain, recipes
     from fedtune_core import results as res
 
     todo = cfgs if force else [c for c in cfgs
@@ -114,37 +116,62 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
              len(todo))
     # every pre-trained checkpoint first, in parallel, rather than one per worker on demand
-    pretrain.ensure_all(recipes.needed((c.model, c.weights) for c in todo), jobs,
-                        progress=progress)
+    pretrain.ensure_all(recipes.needed((c.model, c.weights) for c in todo),
+                        max(where.jobs, 1), progress=progress)
     preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
-    args = (str(results), device, data_root, force, retry_failed)
-    busy = _run_all(todo, args, jobs, progress, bar, wait=False)
-    _run_all(busy, args, jobs, progress, bar, wait=True)  # those other processes were running
+    for wait in (False, True):  # then the runs other processes were computing
+        if not todo:
+            break
+        with _Claims(results, force, retry_failed, wait, bar) as claims:
+            for cfg, record in backends.run(backend, todo, where, progress, claims.take):
+                claims.finish(cfg, record)
+        todo = claims.busy
     bar.close()
 
 
-def _run_all(cfgs: list[RunConfig], args: tuple, jobs: int, progress: bool, bar,
-             wait: bool) -> list[RunConfig]:
-    """Run ``cfgs``; return those skipped because another process holds them."""
-    from fedtune_core.fl import set_cpu_threads
+class _Claims:
+    """The run locks this process (the driver) holds while a backend computes the runs."""
 
-    busy = []
-    if jobs > 1 and len(cfgs) > 1:
-        with ProcessPoolExecutor(jobs, initializer=set_cpu_threads) as pool:
-            futures = {pool.submit(_run_one, c, *args, wait): c for c in cfgs}
-            for future in as_completed(futures):
-                if future.result():
-                    bar.update()
-                else:
-                    busy.append(futures[future])
-    else:
-        for cfg in cfgs:
-            if _run_one(cfg, *args, wait, progress=progress):  # with a bar over its rounds
-                bar.update()
-            else:
-                busy.append(cfg)
-    return busy
+    def __init__(self, results: str | os.PathLike, force: bool, retry_failed: bool,
+                 wait: bool, bar):
+        self.results, self.force, self.retry_failed = results, force, retry_failed
+        self.wait, self.bar = wait, bar
+        self.locks: dict = {}
+        self.busy: list[RunConfig] = []  # held by another process (when not waiting)
+
+    def take(self, cfg: RunConfig) -> bool:
+        """Lock ``cfg`` before it starts; False if another process holds it or has just
+        finished it (then its record is used)."""
+        from fedtune_core import results as res
+        from fedtune_core import store
+
+        lock = store.RunLock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
+        if not lock.held:
+            self.busy.append(cfg)
+            return False
+        if not self.force and res.kept(self.results, cfg, retry_failed=self.retry_failed,
+                                       warn=False):
+            lock.__exit__(None, None, None)
+            self.bar.update()
+            return False
+        self.locks[cfg.hash] = lock
+        return True
+
+    def finish(self, cfg: RunConfig, record: dict) -> None:
+        """Write the record of ``cfg`` (atomically), then let go of its lock."""
+        from fedtune_core import results as res
+
+        res.write_json(res.record_path(self.results, cfg), record)
+        self.locks.pop(cfg.hash).__exit__(None, None, None)
+        self.bar.update()
+
+    def __enter__(self) -> _Claims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in self.locks.values():  # runs that never finished (an interrupted grid)
+            lock.__exit__(None, None, None)
 
 
 def collect(profile: Profile, results: str | os.PathLike,
@@ -167,11 +194,20 @@ def no_rate(profile: Profile, results: str | os.PathLike,
     return [c for c in choices.values() if c.lr is None]
 
 
-def default_jobs(device: str | None) -> int:
-    """Parallel runs: one on a GPU; on CPU one per core, at most four."""
+def default_jobs(device: str | None, backend: str = "pool") -> int:
+    """Parallel runs of the pool: one per GPU; on CPU one per core, at most four.
+
+    Ray: 0, i.e. every CPU of a local instance (on a cluster, Ray's own resources decide).
+    """
+    import torch
+
     from fedtune_core.fl import pick_device
 
-    return 1 if pick_device(device).type != "cpu" else max(1, min(os.cpu_count() or 1, 4))
+    if backend == "ray":
+        return 0
+    if pick_device(device).type != "cpu":
+        return max(1, torch.cuda.device_count())
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def failed(records: Sequence[dict]) -> list[dict]:
@@ -193,11 +229,13 @@ def cmd_grid(args) -> int:
     check_results_folder(results)
     from fedtune_core.fl import pick_device  # torch: only once the arguments are checked
 
-    pick_device(args.device)
+    if args.backend != "ray":  # with Ray the device is the workers'
+        pick_device(args.device)
     records = ensure(profile, results, args.experiment, device=args.device,
                      data_root=args.data_dir, force=args.force, retry_failed=args.retry_failed,
-                     jobs=args.jobs or default_jobs(args.device),
-                     progress=not args.quiet)
+                     jobs=args.jobs or default_jobs(args.device, args.backend),
+                     progress=not args.quiet, backend=args.backend, address=args.address,
+                     gpus_per_run=args.gpus_per_run)
     bad = failed(records)
     for rec in bad:
         print(f"failed: {rec['hash']} ({rec['config']['model']}, {rec['config']['method']}, "
@@ -229,6 +267,7 @@ def _log_to_stdout() -> None:
     if not any(isinstance(h, _Print) for h in package.handlers):
         package.addHandler(_Print())
     package.setLevel(logging.INFO)
+    package.propagate = False  # open_clip's logging.info() gives the root logger a handler too
 
 
 def cmd_index(args) -> int:
@@ -266,7 +305,16 @@ def add_parser(sub) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="run diverged runs again too (other failed runs always are)")
     p.add_argument("--jobs", type=_jobs, default=0,
-                   help="runs in parallel processes (default 0: 1 on GPU, one per core on CPU)")
+                   help="pool: runs in parallel processes (default 0: one per GPU, or one per "
+                        "core on CPU); ray: CPUs of a local Ray instance (default: all)")
+    p.add_argument("--backend", default="pool", choices=("pool", "ray"),
+                   help="where runs execute: local processes (pool) or Ray (pip install -e "
+                        "'.[ray]')")
+    p.add_argument("--address", default=None,
+                   help="ray: address of a running Ray cluster (auto, HOST:PORT); default: "
+                        "start a local instance")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help="ray on CUDA: GPU share per run, e.g. 0.5 (default: the profile's, 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

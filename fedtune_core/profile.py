@@ -62,6 +62,7 @@ class Profile:
     variants: dict[str, dict[str, Any]]
     experiments: dict[str, list[dict[str, Any]]]
     lr_selection: selection.Settings = selection.Settings()
+    gpus_per_run: float = 1.0  # Ray on CUDA: the GPU share each run asks for (0 < x <= 1)
 
     def planned(self, experiment: str | None = None) -> list[Planned]:
         """Every run ``experiment`` (all if None) needs, deduplicated, rates pending or not."""
@@ -166,7 +167,8 @@ def load_profile(name: str | os.PathLike) -> Profile:
     profile = Profile(path.stem, raw.get("description", ""), raw.get("pretrained", True),
                       tuple(raw.get("seeds", [0])), raw.get("base", {}), lr,
                       raw.get("variants", {}), experiments,
-                      selection.Settings(**raw.get("lr_selection", {})))
+                      selection.Settings(**raw.get("lr_selection", {})),
+                      raw.get("gpus_per_run", 1.0))
     try:
         profile.groups()  # validate every configuration and sweep now, not mid-grid
     except ConfigError as err:
@@ -288,4 +290,6 @@ SCHEMA = {
     "lr": (_lr_table, "a table of tuning method = learning rate or { select = [rates] } ([lr])"),
     "lr_selection": (_lr_selection, "a table of val_fraction, rounds, seed ([lr_selection])"),
     "variants": (_variants, "a table of name = { run settings } ([variants])"),
+    "gpus_per_run": (lambda v: isinstance(v, bool) or not isinstance(v, int | float)
+                     or not 0 < v <= 1, "a number > 0 and <= 1 (the GPU share of a run)"),
 }

@@ -225,6 +225,19 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
     return record | environment() | {"wall_seconds": time.perf_counter() - t0}
 
 
+def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> dict:
+    """The record of a run whose process died before it could report (killed, crashed).
+
+    Built by the driver, which knows the config and how the worker ended (``error``). Such
+    a failure is the environment's, so the next grid call runs it again (:func:`kept`).
+    """
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    return ({"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(), "seed": cfg.seed,
+             "started": started, "status": "failed", "error": error, "traceback": None,
+             "failure": "error", "rounds": [], "final": {}}
+            | environment() | {"wall_seconds": seconds})
+
+
 def _check_finite(rows: list[dict], final: dict) -> None:
     """Raise :class:`Diverged` at the first non-finite metric (a safety net under the loop)."""
     last = rows[-1]["round"] if rows else 0

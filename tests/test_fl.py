@@ -247,3 +247,59 @@ def test_clip_initial_accuracy_is_recorded(tiny_config):
         logits = model(pre(dataset.test.images))
     correct = (logits.argmax(1) == dataset.test.labels).sum().item()
     assert out.final["initial_test_acc"] == pytest.approx(correct / len(dataset.test), abs=1e-12)
+
+
+# ---------------------------------------------------------------- head-only on cached features
+
+
+def _counting_encoder(monkeypatch) -> list[int]:
+    """Count the encoder's forward calls inside fl.execute; the list holds one count."""
+    calls = [0]
+    build = models.build
+
+    def counted(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return model
+
+    monkeypatch.setattr(models, "build", counted)
+    return calls
+
+
+@pytest.mark.parametrize("model, mode, val", [("clip-tiny", "fl", 0.0), ("vit-tiny", "local", 0.0),
+                                              ("clip-tiny", "central", 0.0),
+                                              ("vit-tiny", "fl", 0.2)])
+def test_head_only_on_cached_features_gives_the_uncached_metrics(tiny_config, monkeypatch,
+                                                                 model, mode, val):
+    cfg = tiny_config(model=model, method="head", mode=mode, clients=3, sample=2, rounds=3,
+                      batch_size=32, optimizer="adamw", lr=3e-3, partition="dirichlet:0.5",
+                      val_fraction=val)
+    calls = _counting_encoder(monkeypatch)
+    cached = fl.execute(cfg, device="cpu")
+    encoded = calls[0] - 1  # the first call: the zero-shot evaluation before the method
+    uncached = fl.execute(cfg, device="cpu", cache_features=False)
+    # the encoder ran once over the training pool and (not in a validation run) the test
+    # set, in batches of 512
+    dataset = data.load("digits")
+    test_batches = 0 if val else math.ceil(len(dataset.test) / 512)
+    assert encoded == math.ceil(len(dataset.train) / 512) + test_batches
+    assert calls[0] - encoded > 10 * encoded
+    assert len(cached.rows) == len(uncached.rows) == cfg.rounds + 1
+    prefix = "val" if val else "test"
+    for a, b in zip(cached.rows, uncached.rows, strict=True):
+        for key in (f"{prefix}_acc", f"{prefix}_loss", "train_loss", "bytes_up", "bytes_down"):
+            assert (a[key] is None) == (b[key] is None)
+            if a[key] is not None:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["round"], key)
+    assert cached.final.keys() == uncached.final.keys()
+    for key, value in cached.final.items():
+        assert value == pytest.approx(uncached.final[key], abs=1e-5), key
+    assert cached.rows[-1][f"{prefix}_loss"] != cached.rows[0][f"{prefix}_loss"]  # it trained
+
+
+def test_cached_features_refuse_a_trainable_encoder():
+    model = models.build("vit-tiny", [str(i) for i in range(10)], "none")
+    trainer = fl.Trainer(model, tuning.prepare(model, "bias"), None, torch.device("cpu"))
+    assert not trainer.encoder_frozen
+    with pytest.raises(ValueError, match="frozen encoder"):
+        trainer.to_features(data.load("digits").test)
