@@ -51,7 +51,7 @@ done
 case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, got '$jobs'" >&2; exit 2 ;; esac
 case "$backend" in pool|ray) ;; *) echo "run_all.sh: unknown --backend '$backend'; valid choices: pool, ray" >&2; exit 2 ;; esac
 
-source "$root/scripts/ensure_venv.sh" || exit 1
+FEDTUNE_EXTRAS="" source "$root/scripts/ensure_venv.sh" || exit 1
 bin="$root/.venv/bin"
 export PYTHONUNBUFFERED=1
 

@@ -137,7 +137,32 @@ def _weights(record: dict) -> str:
         return "random init, untrained"
     if w.get("kind") == "file":
         return f"checkpoint {Path(w['source']).name}"
+    if w.get("kind") == "recipe":
+        return (f"pre-trained offline: {w.get('recipe')} {w.get('hash')}, "
+                f"{w.get('steps', 0):,} steps")
     return f"pre-trained: {w.get('source')}"
+
+
+def proxy_quality(records: Sequence[dict]) -> pd.DataFrame:
+    """One row per pre-trained checkpoint the records used: what it is and how good it is.
+
+    Read from the records' ``weights`` entries (written when the checkpoint was built):
+    recipe, hash, steps, image passes, accuracy on held-out pre-training images, and on
+    the downstream digits a linear probe of the frozen features and (CLIP) zero-shot.
+    """
+    rows = {}
+    for rec in records:
+        w = rec.get("weights") or {}
+        if rec.get("status") != "ok" or w.get("kind") != "recipe":
+            continue
+        rows[(rec["config"]["model"], w.get("recipe"), w.get("hash"))] = {
+            "model": rec["config"]["model"], "checkpoint": w.get("recipe"),
+            "hash": w.get("hash"), "steps": w.get("steps"),
+            "image passes": w.get("image_passes"),
+            "pre-training accuracy (held-out glyphs)": w.get("pretrain_acc"),
+            "digits linear probe": w.get("probe_acc"),
+            "digits zero-shot": w.get("zeroshot_acc")}
+    return pd.DataFrame(sorted(rows.values(), key=lambda r: (r["model"], r["steps"] or 0)))
 
 
 def samples_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -178,3 +178,18 @@ def test_findings_of_a_pretrained_profile_are_measured():
     assert by_key["F1"] == INCONCLUSIVE and by_key["F2a"] == SUPPORTED
     assert by_key["F2b"] == by_key["F3"] == report.NOT_MEASURABLE_HERE  # no such runs
     assert by_key["F4"] == NOT_SUPPORTED  # every method sent as many bytes as full
+
+
+def test_proxy_quality_lists_each_checkpoint_once_from_the_records():
+    weights = {"kind": "recipe", "recipe": "glyphs-strong", "hash": "abc", "steps": 1500,
+               "image_passes": 192_000, "pretrain_acc": 0.7, "probe_acc": 0.94,
+               "zeroshot_acc": 0.6}
+    recs = seeded("clip-tiny", "bias", 0.9) + seeded("vit-tiny", "bias", 0.8)
+    for rec in recs:
+        rec["weights"], rec["versions"] = dict(weights), {"torch": "2.14.1"}
+    recs[-1]["weights"] = {"kind": "none", "source": None}  # random init: no row
+    table = report.proxy_quality(recs)
+    assert list(table["model"]) == ["clip-tiny", "vit-tiny"]
+    assert table.iloc[0]["digits linear probe"] == 0.94
+    assert "pre-trained offline: glyphs-strong abc, 1,500 steps" in report.header(
+        report.Profile("hand", "", True, SEEDS, {}, {}, {}, {}), recs)
