@@ -146,7 +146,7 @@ def _in_kernel() -> bool:
 
 def summarise(runs: pd.DataFrame, by: list[str], value: str = "final_test_acc") -> pd.DataFrame:
     """Mean, standard deviation and number of seeds of ``value`` per group ``by``."""
-    grouped = runs.groupby(by, sort=False)[value]
+    grouped = runs.groupby(by, sort=False, observed=True)[value]
     out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out

@@ -50,13 +50,20 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, rounds) frames of the finished records, with derived columns.
 
     Derived: ``family`` (CLIP or ViT), ``shots`` (K of fewshot:K), ``communication``
-    (bytes up + down over the run), ``mode_name``, ``setting`` ("model / variant").
+    (bytes up + down over the run), ``mode_name``, ``setting`` ("model / variant"), and
+    ``checkpoint``: the weights as a reader names them ("random init", a recipe without
+    its hash, a tag or file), ordered by pre-training steps (random init first).
     """
     ok = [r for r in records if r.get("status") == "ok"]
     runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
+    names = {r["config"]["weights"]: _checkpoint(r) for r in ok}
+    order = list(dict.fromkeys(n for n, _ in sorted(set(names.values()),
+                                                    key=lambda t: (t[1], t[0]))))
     for frame in (runs, rounds):
         if frame.empty:
             continue
+        frame["checkpoint"] = pd.Categorical(frame["weights"].map(lambda w: names[w][0]),
+                                             categories=order)
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
         frame["setting"] = frame["model"] + " / " + frame["variant"]
@@ -64,6 +71,16 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not runs.empty:
         runs["communication"] = runs["final_bytes_up"] + runs["final_bytes_down"]
     return runs, rounds
+
+
+def _checkpoint(record: dict) -> tuple[str, float]:
+    """(display name, pre-training steps) of a record's weights; random init: 0 steps."""
+    w = record.get("weights") or {}
+    if w.get("kind") == "none":
+        return "random init", 0.0
+    if w.get("kind") == "recipe":
+        return str(w.get("recipe")), float(w.get("steps") or 0)
+    return str(record["config"]["weights"]).split("@")[0], float("inf")
 
 
 def family(model: str) -> str:

@@ -101,6 +101,11 @@ def strong_only(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(keep)
 
 
+def _label(runs: pd.DataFrame) -> str:
+    """The column that names checkpoints for a reader (``checkpoint`` from report.frames)."""
+    return "checkpoint" if "checkpoint" in runs else "weights"
+
+
 def _per_seed(runs: pd.DataFrame, value: str = "final_test_acc") -> pd.Series:
     return runs.groupby("seed")[value].mean()
 
@@ -127,8 +132,8 @@ def bias_is_best(runs: pd.DataFrame, rounds: pd.DataFrame | None = None) -> Verd
         verdicts.append(verdict)
         ranks = ", ".join(f"{w}: {_rank(p, 'bias')}" for w, p in
                           runs[(runs["model"] == model) & (runs["dataset"] == dataset)]
-                          .groupby("weights", sort=False))
-        notes.append(f"{model} ({part['weights'].iloc[0]}, {dataset}): bias {fmt(bias)} vs "
+                          .groupby(_label(runs), sort=False, observed=True))
+        notes.append(f"{model} ({part[_label(part)].iloc[0]}, {dataset}): bias {fmt(bias)} vs "
                      f"best other, {best}, {fmt(rival)}: {verdict}; bias ranks {ranks}")
     if not verdicts:
         return NOT_MEASURABLE, "no method to compare bias tuning with"
@@ -254,7 +259,8 @@ def lightweight_is_cheap(runs: pd.DataFrame, rounds: pd.DataFrame | None = None)
         cheap = SUPPORTED if bytes_[light].max() < bytes_["full"] else NOT_SUPPORTED
         verdicts.append(all_parts([fast, cheap]))
         each = ", ".join(f"{v} {reach.loc[v].mean():.1f}" for v in light)
-        notes.append(f"{model} ({weights}, {dataset}), target {target:.3f}: rounds full "
+        notes.append(f"{model} ({part[_label(part)].iloc[0]}, {dataset}), target "
+                     f"{target:.3f}: rounds full "
                      f"{fmt(full_r, 1)} vs lightweight {fmt(light_r, 1)} ({each}): {fast}; "
                      f"bytes full {bytes_['full'] / 1e6:.2f} MB vs lightweight at most "
                      f"{bytes_[light].max() / 1e6:.2f} MB ({cheap})")
