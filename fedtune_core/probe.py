@@ -65,13 +65,18 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return {"probe_acc": float(test), "probe_val_acc": float(val[best]), "probe_C": best}
 
 
-def proxy_quality(model: str, weights: str | os.PathLike) -> dict[str, float | None]:
+def proxy_quality(model: str, weights: str | os.PathLike, seed: int = 0
+                  ) -> dict[str, float | None]:
     """Linear probe (both families) and zero-shot accuracy (CLIP) of ``model`` on digits.
 
-    ``weights`` goes through :func:`models.build` like any run's (e.g. a checkpoint file).
+    ``weights`` goes through :func:`models.build` like any run's (e.g. a checkpoint file);
+    ``seed`` initialises what the weights leave random (all of it for ``none``), without
+    touching the caller's random state.
     """
     digits = data.load("digits")
-    clf = models.build(model, digits.class_names, str(weights))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clf = models.build(model, digits.class_names, str(weights))
     out: dict[str, float | None] = linear_probe(
         features(clf, digits.train.images), digits.train.labels.numpy(),
         features(clf, digits.test.images), digits.test.labels.numpy())
