@@ -39,11 +39,10 @@ def captions(label: int) -> list[str]:
                 f"the number {word}", f"the number {char}", f"the digit {char}",
                 f"a printed {word}", f"an image of a {char}.", f"{word}"]
     case = "capital" if char.isupper() else "lowercase"
-    other = "uppercase" if char.isupper() else "small"
+    alias = "an uppercase letter" if char.isupper() else "a small letter"
     twin = char.swapcase() in glyphs.CLASSES  # "the letter a" would name two classes
     plain = [] if twin else [f"the letter {char}", f"a photo of the letter {char}."]
-    return [models.CLIP_PROMPT.format(f"{case} {char}"), f"a {case} {char}",
-            f"an {other} letter {char}" if other == "uppercase" else f"a small letter {char}",
+    return [models.CLIP_PROMPT.format(f"{case} {char}"), f"a {case} {char}", f"{alias} {char}",
             f"the {case} letter {char}", f"an image of a {case} {char}.", *plain]
 
 
