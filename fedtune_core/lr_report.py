@@ -54,7 +54,8 @@ def lr_choices(profile: Profile, folder: str | os.PathLike) -> pd.DataFrame:
         lr = float(won["lr"].iloc[0]) if len(won) else float("nan")
         state = ("pending" if (part["status"] == "pending").any()
                  else "done" if len(won) else "no rate")
-        rows.append(part.iloc[0][["dataset", "model", "variant", "optimizer"]].to_dict() | {
+        rows.append(part.iloc[0][["dataset", "model", "weights", "variant", "optimizer"]]
+                    .to_dict() | {
             "val acc by lr": " | ".join(
                 f"{r:g}: " + (f"{a:.3f}" if pd.notna(a) else st)
                 for r, a, st in zip(part["lr"], part["val_acc"], part["status"], strict=True)),
@@ -93,4 +94,4 @@ def _group_columns(group: selection.Group) -> dict[str, object]:
     fields = group.fields
     return {"group": group.key, "dataset": fields["dataset"], "model": fields["model"],
             "variant": results.method_label(fields), "optimizer": fields["optimizer"],
-            "weights": fields["weights"]}
+            "weights": str(fields["weights"]).split("@")[0]}  # a recipe without its hash
