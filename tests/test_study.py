@@ -49,7 +49,9 @@ def test_paper_profile_expands_to_the_expected_runs(capsys):
 def test_a_profile_shares_runs_between_experiments():
     profile = grid.load_profile("demo")
     tuning = {p.cfg.hash for p in profile.planned("tuning_methods")}
-    assert tuning == {p.cfg.hash for p in profile.planned("clip_vs_vit")}
+    clip_vs_vit = {p.cfg.hash for p in profile.planned("clip_vs_vit")}
+    assert clip_vs_vit < tuning  # CLIP vs ViT reads the strong checkpoint's runs of tuning
+    assert {p.cfg.weights for p in profile.planned("clip_vs_vit")} == {"glyphs-strong"}
     assert len(profile.planned()) < sum(len(profile.planned(e)) for e in grid.EXPERIMENTS)
     assert {g.key for g in profile.groups()} == {g.key for g in profile.groups("tuning_methods")}
 
