@@ -53,3 +53,19 @@ def _seeded():
     """Every test starts from the same global torch seed."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(argv)``: run ``fedtune argv`` in-process; (exit code, stdout, stderr)."""
+    from fedtune_core import cli
+
+    def call(argv) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -31,15 +31,6 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
-def _call(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _refused(code: int, out: str, err: str, needles) -> str:
     """Assert exit 2 with exactly one 'fedtune: error:' line holding every needle."""
     assert code == 2, (code, out, err)
@@ -175,7 +166,7 @@ def _case_id(case) -> str:
 
 
 @pytest.mark.parametrize("extra, needles", RUN_CASES, ids=[_case_id(c) for c in RUN_CASES])
-def test_run_refuses_bad_input_with_one_line(extra, needles, tmp_path, workdir, capsys):
+def test_run_refuses_bad_input_with_one_line(run_cli, extra, needles, tmp_path, workdir):
     planted = [_plant(tmp_path, a) for a in extra]
     if "--results" in extra:
         argv = ["run", *TINY, *planted]
@@ -184,7 +175,7 @@ def test_run_refuses_bad_input_with_one_line(extra, needles, tmp_path, workdir, 
         results_dir = tmp_path / "results"
         argv = ["run", *TINY, *planted, "--results", results_dir]
     before = {p: p.read_bytes() for p in _files(tmp_path)}
-    code, out, err = _call(argv, capsys)
+    code, out, err = run_cli(argv)
     _refused(code, out, err, needles)
     assert out == ""
     assert {p: p.read_bytes() for p in _files(tmp_path)} == before, "nothing written"
@@ -198,9 +189,9 @@ def test_run_refuses_bad_input_with_one_line(extra, needles, tmp_path, workdir, 
     (["grid", "--jobs", "x"], ["--jobs", "'x'"]),
     (["grid", "--profile", "smoke", "--results", "FILE"], ["is a file"]),
 ])
-def test_other_commands_refuse_bad_arguments(argv, needles, tmp_path, workdir, capsys):
+def test_other_commands_refuse_bad_arguments(run_cli, argv, needles, tmp_path, workdir):
     argv = [_plant(tmp_path, a) for a in argv]
-    code, out, err = _call(argv, capsys)
+    code, out, err = run_cli(argv)
     _refused(code, out, err, needles)
     assert out == "" and _files(workdir) == []
 
@@ -232,18 +223,18 @@ PROFILE_CASES = [
 
 
 @pytest.mark.parametrize("text, needles", PROFILE_CASES, ids=[c[0][:30] for c in PROFILE_CASES])
-def test_bad_profile_is_one_line_naming_file_and_key(text, needles, tmp_path, workdir, capsys):
+def test_bad_profile_is_one_line_naming_file_and_key(run_cli, text, needles, tmp_path, workdir):
     path = tmp_path / "mine.toml"
     path.write_text(text)
-    line = _refused(*_call(["grid", "--profile", path, "--dry-run"], capsys), needles)
+    line = _refused(*run_cli(["grid", "--profile", path, "--dry-run"]), needles)
     assert str(path) in line
     assert _files(workdir) == []
 
 
-def test_profile_that_is_not_text_is_one_line(tmp_path, capsys):
+def test_profile_that_is_not_text_is_one_line(run_cli, tmp_path):
     path = tmp_path / "bin.toml"
     path.write_bytes(b"\xff\xfe\x00")
-    _refused(*_call(["grid", "--profile", path, "--dry-run"], capsys), [str(path), "read"])
+    _refused(*run_cli(["grid", "--profile", path, "--dry-run"]), [str(path), "read"])
 
 
 # ---------------------------------------------------------------- a grid whose runs cannot start
@@ -261,20 +252,19 @@ def _tiny_profile(tmp_path: Path, base: str) -> Path:
     ('weights = "CKPT:unrelated"', ["does not fit vit-tiny"]),
     ('weights = "CKPT:text"', ["is not a checkpoint"]),
 ])
-def test_grid_checks_every_run_before_starting(base, needles, tmp_path, workdir, capsys,
+def test_grid_checks_every_run_before_starting(run_cli, base, needles, tmp_path, workdir,
                                                monkeypatch):
     monkeypatch.setattr(fl, "execute", _forbidden)
     base = base.replace('"CKPT:unrelated"', json.dumps(_plant(tmp_path, "CKPT:unrelated")))
     base = base.replace('"CKPT:text"', json.dumps(_plant(tmp_path, "CKPT:text")))
     out_dir = tmp_path / "res"
-    code, out, err = _call(["grid", "--profile", _tiny_profile(tmp_path, base), "--results",
-                            out_dir, "--jobs", "1", "--quiet"], capsys)
+    code, out, err = run_cli(["grid", "--profile", _tiny_profile(tmp_path, base), "--results",
+                            out_dir, "--jobs", "1", "--quiet"])
     _refused(code, out, err, needles)
     assert _files(out_dir) == []
 
 
-def test_grid_offline_without_weights_stops_with_one_line(tmp_path, workdir, capsys,
-                                                          monkeypatch):
+def test_grid_offline_without_weights_stops_with_one_line(run_cli, tmp_path, workdir, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(fl, "execute", _forbidden)
@@ -284,8 +274,7 @@ def test_grid_offline_without_weights_stops_with_one_line(tmp_path, workdir, cap
     profile.write_text('seeds = [0]\n[base]\nmodel = "vit-b32"\nrounds = 1\n'
                        '[[tuning_methods]]\nmethod = ["head", "bias"]\n')
     out_dir = tmp_path / "res"
-    code, out, err = _call(["grid", "--profile", profile, "--results", out_dir, "--quiet"],
-                           capsys)
+    code, out, err = run_cli(["grid", "--profile", profile, "--results", out_dir, "--quiet"])
     _refused(code, out, err, ["vit-b32", "FEDTUNE_WEIGHTS_DIR", "--weights", "HF_HUB_OFFLINE=1"])
     assert _files(out_dir) == []
 
@@ -296,23 +285,22 @@ def _forbidden(*args, **kwargs):
 
 # ---------------------------------------------------------------- diverged runs
 
-def test_diverged_run_is_a_failed_record_kept_until_asked(tmp_path, workdir, capsys,
-                                                          monkeypatch):
+def test_diverged_run_is_a_failed_record_kept_until_asked(run_cli, tmp_path, workdir, monkeypatch):
     calls = []
     real = fl.execute
     monkeypatch.setattr(fl, "execute", lambda *a, **k: calls.append(1) or real(*a, **k))
     argv = ["run", *TINY, "--rounds", "2", "--optimizer", "sgd", "--lr", "1e6", "--results",
             tmp_path / "res"]
-    code, out, err = _call(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "run failed: diverged at round 1" in err
     record = json.loads(Path(out.strip()).read_text())
     assert record["status"] == "failed" and record["failure"] == "diverged"
     assert record["diverged_round"] == 1 and record["rounds"] == [] and record["final"] == {}
 
-    code, _, err = _call(argv, capsys)  # deterministic: kept, not run again
+    code, _, err = run_cli(argv)  # deterministic: kept, not run again
     assert code == 1 and "--retry-failed" in err and calls == [1]
-    code, _, err = _call([*argv, "--retry-failed"], capsys)
+    code, _, err = run_cli([*argv, "--retry-failed"])
     assert code == 1 and "diverged at round 1" in err and calls == [1, 1]
 
 

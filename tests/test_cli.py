@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedtune_core import cli, fl, tuning
+from fedtune_core import fl, tuning
 
 TINY = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--dataset", "digits",
         "--partition", "iid", "--clients", "2", "--sample", "2", "--rounds", "1",
@@ -17,16 +17,6 @@ TINY = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--datas
 
 def _files(path):
     return sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def _call(argv, capsys) -> tuple[int, str, str]:
-    """Run ``fedtune argv`` in-process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -38,8 +28,8 @@ def workdir(tmp_path, monkeypatch):
     return cwd
 
 
-def test_run_prints_the_record_path(tmp_results, workdir, capsys):
-    code, out, err = _call(["run", *TINY, "--results", tmp_results], capsys)
+def test_run_prints_the_record_path(run_cli, tmp_results, workdir):
+    code, out, err = run_cli(["run", *TINY, "--results", tmp_results])
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 1
@@ -52,25 +42,25 @@ def test_run_prints_the_record_path(tmp_results, workdir, capsys):
     assert _files(workdir) == []
 
     # the second call is a cache hit with the same path
-    code, again, _ = _call(["run", *TINY, "--results", tmp_results], capsys)
+    code, again, _ = run_cli(["run", *TINY, "--results", tmp_results])
     assert code == 0 and again == out
 
 
-def test_run_method_option(tmp_results, workdir, capsys):
+def test_run_method_option(run_cli, tmp_results, workdir):
     argv = ["run", *TINY, "--results", tmp_results, "--method", "lora", "--lora-rank", "2"]
-    code, out, err = _call(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 0, err
     record = json.loads(open(out.strip()).read())
     assert record["config"]["method"] == "lora"
     assert record["config"]["method_options"]["rank"] == 2
 
 
-def test_failed_run_exits_1(tmp_results, workdir, capsys, monkeypatch):
+def test_failed_run_exits_1(run_cli, tmp_results, workdir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory, pretend")
 
     monkeypatch.setattr(fl, "execute", broken)
-    code, out, err = _call(["run", *TINY, "--results", tmp_results], capsys)
+    code, out, err = run_cli(["run", *TINY, "--results", tmp_results])
     assert code == 1
     assert "run failed" in err and "out of memory, pretend" in err
     assert json.loads(open(out.strip()).read())["status"] == "failed"
@@ -111,11 +101,10 @@ def _id(case) -> str:
 
 
 @pytest.mark.parametrize("extra, needles", BAD, ids=[_id(b) for b in BAD])
-def test_bad_input_exits_2_with_one_line(extra, needles, tmp_path, tmp_results, workdir,
-                                         capsys):
+def test_bad_input_exits_2_with_one_line(run_cli, extra, needles, tmp_path, tmp_results, workdir):
     extra = [str(_garbage(tmp_path)) if a == "GARBAGE"
              else str(tmp_path / "nowhere.pth") if a == "MISSING" else a for a in extra]
-    code, out, err = _call(["run", *TINY, *extra, "--results", tmp_results], capsys)
+    code, out, err = run_cli(["run", *TINY, *extra, "--results", tmp_results])
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -128,14 +117,14 @@ def test_bad_input_exits_2_with_one_line(extra, needles, tmp_path, tmp_results, 
     assert _files(workdir) == []
 
 
-def _params(argv, capsys):
-    code, out, err = _call(["params", *argv], capsys)
+def _params(argv, run_cli):
+    code, out, err = run_cli(["params", *argv])
     assert code == 0, err
     return out
 
 
-def test_params_table(capsys):
-    out = _params(["--model", "vit-tiny", "--classes", "10"], capsys)
+def test_params_table(run_cli):
+    out = _params(["--model", "vit-tiny", "--classes", "10"], run_cli)
     lines = out.strip().splitlines()
     assert lines[0] == "vit-tiny, 10 classes"
     assert lines[1].split() == ["method", "trainable", "without", "head", "total", "%"]
@@ -146,8 +135,8 @@ def test_params_table(capsys):
     assert rows["full"][0] == rows["full"][2] and float(rows["full"][3]) == 100.0
 
 
-def test_params_json(capsys):
-    report = json.loads(_params(["--model", "vit-tiny", "--classes", "10", "--json"], capsys))
+def test_params_json(run_cli):
+    report = json.loads(_params(["--model", "vit-tiny", "--classes", "10", "--json"], run_cli))
     assert report["model"] == "vit-tiny" and report["classes"] == 10
     methods = {r["method"]: r for r in report["methods"]}
     assert len(report["methods"]) == len(methods) == 6
@@ -165,8 +154,8 @@ def test_params_json(capsys):
     assert methods["lora"]["total"] > methods["full"]["total"]
 
 
-def test_params_reference_counts_vit_b16(capsys):
-    report = json.loads(_params(["--model", "vit-b16", "--classes", "100", "--json"], capsys))
+def test_params_reference_counts_vit_b16(run_cli):
+    report = json.loads(_params(["--model", "vit-b16", "--classes", "100", "--json"], run_cli))
     methods = {r["method"]: r for r in report["methods"]}
     assert methods["full"]["trainable"] == 85_875_556
     assert methods["bias"]["trainable_without_head"] == 102_912
@@ -177,15 +166,15 @@ def test_params_reference_counts_vit_b16(capsys):
                                            "'vit-huge'"),
                                           (["--model", "vit-tiny", "--classes", "0"], "0"),
                                           (["--model", "vit-tiny"], "--classes")])
-def test_params_bad_input(argv, needle, capsys):
-    code, out, err = _call(["params", *argv], capsys)
+def test_params_bad_input(run_cli, argv, needle):
+    code, out, err = run_cli(["params", *argv])
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
     assert out == ""
 
 
-def test_no_command_exits_2(capsys):
-    code, _, err = _call([], capsys)
+def test_no_command_exits_2(run_cli):
+    code, _, err = run_cli([])
     assert code == 2
     assert len(err.strip().splitlines()) == 1
 

@@ -246,26 +246,16 @@ def test_pretrain_command_reports_each_checkpoint(quick_recipes, capsys):
         assert part in line, part
 
 
-def _call(argv, capsys) -> tuple[int, str, str]:
-    """Run ``fedtune argv`` in-process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--model", "vit-b16"], ["'vit-b16'", "clip-tiny, vit-tiny, all"]),
     (["--recipe", "glyphs-huge"], ["'glyphs-huge'", "glyphs-weak, glyphs-strong, all"]),
     (["--jobs", "0"], ["--jobs", "0"]),
     (["--jobs", "two"], ["--jobs", "two"]),
 ])
-def test_pretrain_command_refuses_bad_values_in_one_line(argv, expected, capsys, monkeypatch,
+def test_pretrain_command_refuses_bad_values_in_one_line(run_cli, argv, expected, monkeypatch,
                                                          tmp_path):
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    code, out, err = _call(["pretrain", *argv], capsys)
+    code, out, err = run_cli(["pretrain", *argv])
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert all(part in err for part in expected), err
     assert not (tmp_path / "cache").exists(), "nothing written"
