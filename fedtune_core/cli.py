@@ -208,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from fedtune_core.checks import check_device, check_environment
+
+        check_environment()
+        if getattr(args, "device", None) is not None:
+            check_device(args.device, local=getattr(args, "backend", "pool") != "ray")
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code

@@ -141,12 +141,13 @@ def _imagefolder(path: str, image_size: int) -> Dataset:
                              transforms.PILToTensor()])
     root = Path(path)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        parts = [datasets.ImageFolder(str(root / s), transform=tf) for s in ("train", "test")]
+        parts = [datasets.ImageFolder(str(root / s), transform=tf, loader=decode_image)
+                 for s in ("train", "test")]
         tensors = [_stack(p) for p in parts]
         if parts[0].classes != parts[1].classes:
             raise ConfigError(f"imagefolder {path!r}: train/ and test/ hold different classes")
         return Dataset(f"imagefolder:{path}", *tensors, list(parts[0].classes))
-    folder = datasets.ImageFolder(str(root), transform=tf)
+    folder = datasets.ImageFolder(str(root), transform=tf, loader=decode_image)
     whole = _stack(folder)
     train, test = _holdout(whole.labels.numpy())
     return Dataset(f"imagefolder:{path}", whole.subset(train), whole.subset(test),
@@ -162,10 +163,56 @@ def _read(folder, index: int) -> torch.Tensor:
     """Image ``index`` of an ImageFolder; an unreadable one is bad input, named."""
     try:
         return folder[index][0]
+    except ConfigError:
+        raise
     except Exception as err:  # PIL raises many types for broken or foreign files
         raise ConfigError(f"imagefolder image {folder.samples[index][0]!r} cannot be read "
                           f"({type(err).__name__}); remove it or replace it with a valid "
                           "image") from None
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decode_image(path: str):
+    """An image file as an 8-bit RGB PIL image, by one defined conversion per kind.
+
+    16-bit (and 32-bit integer) grey is scaled from 0..65535 to 0..255; palettes become
+    their colours; an alpha channel (or a palette's transparency) is flattened onto black
+    (each colour times its opacity); CMYK, YCbCr and the other colour modes are converted
+    by PIL. Anything else (float images, integers outside 0..65535) is refused in one
+    line, never clipped to a few grey levels.
+
+    Raises:
+        ConfigError: an image no conversion is defined for.
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return _to_rgb8(img, path)
+
+
+def _to_rgb8(img, path: str):
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.asarray(img).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ConfigError(f"imagefolder image {path!r} has {img.mode} values outside "
+                              "0..65535; give 8- or 16-bit images")
+        grey = np.round(grey * (255 / 65535)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "P" or img.mode == "PA" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+    if img.mode in ("1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB")
+    raise ConfigError(f"imagefolder image {path!r} has pixel mode {img.mode!r}, which is not "
+                      "read; give 8- or 16-bit grey, RGB, palette, alpha or CMYK images")
 
 
 _LOADERS = {

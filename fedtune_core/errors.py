@@ -6,7 +6,8 @@ A ground-floor module: it imports nothing of fedtune's, so every other module ca
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 
@@ -17,6 +18,34 @@ class ConfigError(ValueError):
     The CLI turns it into a single line on stderr and exit code 2, before anything is
     written.
     """
+
+
+class Fault(ConfigError):
+    """A fault of the machine or the file system, not of the run: a full disk, a cache
+    folder that is a file or read-only, a lock held too long, a path that cannot be written.
+
+    Like bad input: one line on stderr, exit code 2, no record written (the run is not to
+    blame, so no failed record stands for it).
+    """
+
+
+def shown(path: object) -> str:
+    """A path for a one-line message: quoted, with control characters escaped (a newline
+    or an escape code in a file name never breaks the line or the terminal)."""
+    return repr(str(path))
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook executed by papermill) whose
+    stderr is the cells' output, not the process's own."""
+    return "ipykernel" in sys.modules and sys.__stderr__ is not None \
+        and sys.stderr is not sys.__stderr__
+
+
+def diagnostics() -> TextIO:
+    """Where warnings go: stderr; inside a notebook the process's own stderr, i.e. the log
+    (``run_all.sh`` writes it to ``logs/``), so a report's cells hold none of them."""
+    return sys.__stderr__ if in_notebook() else sys.stderr
 
 
 class Diverged(RuntimeError):

@@ -9,7 +9,6 @@ Bytes are measured from the tensors that travel.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -91,7 +90,9 @@ def set_cpu_threads() -> int:
     slower and a ViT-B/16 forward 1.4x slower than one (``benchmarks/threads.py``); CPU
     parallelism comes from running several runs at once (``fedtune grid --jobs``).
     """
-    threads = int(os.environ.get("FEDTUNE_THREADS", "1"))
+    from fedtune_core.checks import threads as configured
+
+    threads = configured()
     torch.set_num_threads(threads)
     return threads
 

@@ -15,8 +15,12 @@ data in :mod:`fedtune_core.recipes`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +31,27 @@ from fedtune_core import cache
 from fedtune_core.data import DIGIT_NAMES, Split
 from fedtune_core.recipes import CLASSES, FONTS, CorpusConfig
 
-__all__ = ["CLASSES", "FONTS", "CorpusConfig", "class_name", "generate", "glyph_bank", "load"]
+__all__ = ["CLASSES", "FONTS", "CorpusConfig", "class_name", "generate", "glyph_bank", "load",
+           "pinned_threads"]
 
 GLYPH_SIZE = 64  # glyphs are rendered (and thinned or thickened) at 64x64, then kept at 32x32
 IMAGE_SIZE = 32
 CHUNK = 4096  # images augmented per batch (part of the generator: changing it changes images)
+# what the corpus and pre-training compute with: float sums split over threads round
+# differently, so a thread count of the machine's would give other bytes under one hash
+THREADS = 1
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = THREADS) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` while the block runs, then restored:
+    corpora and checkpoints are the same bytes whatever the machine or the command."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def class_name(label: int) -> str:
@@ -187,10 +207,11 @@ def generate(cfg: CorpusConfig, progress: bool = False) -> Split:
     labels = torch.arange(len(CLASSES)).repeat(reps)[torch.randperm(reps * len(CLASSES),
                                                                     generator=g)][:cfg.size]
     images = torch.empty(cfg.size, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    for start in tqdm(range(0, cfg.size, CHUNK), desc="glyph corpus", unit="chunk",
-                      disable=not progress, leave=False):
-        part = labels[start:start + CHUNK]
-        images[start:start + len(part)] = _chunk(part, g, cfg.deform)
+    with pinned_threads():
+        for start in tqdm(range(0, cfg.size, CHUNK), desc="glyph corpus", unit="chunk",
+                          disable=not progress, leave=False):
+            part = labels[start:start + CHUNK]
+            images[start:start + len(part)] = _chunk(part, g, cfg.deform)
     return Split(images, labels)
 
 
@@ -198,26 +219,53 @@ def load(cfg: CorpusConfig, progress: bool = False) -> tuple[np.ndarray, np.ndar
     """The corpus of ``cfg`` as numpy (images, labels), memory-mapped from the cache.
 
     Generated once (under a lock, so parallel processes share one) and written
-    atomically; a file of the wrong shape is generated again.
+    atomically, with a sidecar holding each file's sha256; a file whose content does not
+    match its sidecar (or of the wrong shape) is never used: it is generated again. Temp
+    files of a writer that was killed are removed by the next call that builds.
     """
     stem = cache.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
     paths = Path(f"{stem}-images.npy"), Path(f"{stem}-labels.npy")
-    if (found := _read(cfg, *paths)) is not None:
+    sidecar = Path(f"{stem}.json")
+    if (found := _read(cfg, *paths, sidecar)) is not None:
         return found
     with cache.lock(Path(f"{stem}.lock")):
-        if (found := _read(cfg, *paths)) is None:
+        cache.clean_temps(sidecar.parent)
+        if (found := _read(cfg, *paths, sidecar)) is None:
             split = generate(cfg, progress)
+            digests = {}
             for path, array in zip(paths[::-1], (split.labels, split.images), strict=True):
-                with cache.staged(path) as tmp, open(tmp, "wb") as f:
+                with cache.staged(path, array.numpy().nbytes) as tmp, open(tmp, "wb") as f:
                     np.save(f, array.numpy())
-            found = _read(cfg, *paths)
+                digests[path.name] = _sha256(path)
+            with cache.staged(sidecar) as tmp:
+                tmp.write_text(json.dumps({"corpus": cfg.hash, "sha256": digests}, indent=1))
+            found = _read(cfg, *paths, sidecar)
     return found
 
 
-def _read(cfg: CorpusConfig, images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def _read(cfg: CorpusConfig, images: Path, labels: Path,
+          sidecar: Path) -> tuple[np.ndarray, np.ndarray] | None:
     try:
+        digests = json.loads(sidecar.read_text())["sha256"]
+        if any(digests.get(p.name) != _sha256(p) for p in (images, labels)):
+            return None
         x, y = np.load(images, mmap_mode="r"), np.load(labels)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     size = (cfg.size, 3, IMAGE_SIZE, IMAGE_SIZE)
     return (x, y) if x.shape == size and y.shape == (cfg.size,) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime: int, inode: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256 (read once per process and version of the file)."""
+    st = path.stat()
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns, st.st_ino)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedtune_core import selection
 from fedtune_core.config import RunConfig
+from fedtune_core.errors import Fault
 from fedtune_core.profile import EXPERIMENTS, Profile, load_profile, profiles
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     them).
     """
     from fedtune_core import backends, store
+    from fedtune_core.errors import in_notebook
     from fedtune_core.fl import set_cpu_threads
 
+    progress = progress and not in_notebook()  # no bars (escape codes) in a report's cells
     set_cpu_threads()
     where = backends.Placement(device, data_root, jobs, address,
                                gpus_per_run or profile.gpus_per_run)
@@ -108,9 +111,11 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     its record used."""
     from tqdm import tqdm
 
-    from fedtune_core import backends, preflight, pretrain, recipes
+    from fedtune_core import backends, preflight, pretrain, recipes, store
     from fedtune_core import results as res
 
+    for cfg in cfgs:  # a record that could not be written is not computed
+        store.check_record_path(res.record_path(results, cfg))
     todo = cfgs if force else [c for c in cfgs
                                if res.kept(results, c, retry_failed=retry_failed) is None]
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
@@ -126,6 +131,7 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
         with _Claims(results, force, retry_failed, wait, bar) as claims:
             for cfg, record in backends.run(backend, todo, where, progress, claims.take):
                 claims.finish(cfg, record)
+            claims.write_kept()
         todo = claims.busy
     bar.close()
 
@@ -139,12 +145,18 @@ class _Claims:
         self.wait, self.bar = wait, bar
         self.locks: dict = {}
         self.busy: list[RunConfig] = []  # held by another process (when not waiting)
+        self.unwritten: list[tuple[RunConfig, dict]] = []  # computed; their write failed
+        self.fault: Fault | None = None
 
     def take(self, cfg: RunConfig) -> bool:
         """Lock ``cfg`` before it starts; False if another process holds it or has just
-        finished it (then its record is used)."""
+        finished it (then its record is used), or once a write has failed (nothing more
+        starts: the runs under way end and are written, or kept in memory)."""
         from fedtune_core import results as res
         from fedtune_core import store
+
+        if self.fault is not None:
+            return False
 
         lock = store.RunLock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
         if not lock.held:
@@ -159,12 +171,32 @@ class _Claims:
         return True
 
     def finish(self, cfg: RunConfig, record: dict) -> None:
-        """Write the record of ``cfg`` (atomically), then let go of its lock."""
+        """Write the record of ``cfg`` (atomically), then let go of its lock; if the write
+        fails (a full disk), keep the record and the lock for :meth:`write_kept`."""
         from fedtune_core import results as res
 
-        res.write_json(res.record_path(self.results, cfg), record)
+        try:
+            res.write_json(res.record_path(self.results, cfg), record)
+        except Fault as err:
+            self.fault = self.fault or err
+            self.unwritten.append((cfg, record))
+            return
         self.locks.pop(cfg.hash).__exit__(None, None, None)
         self.bar.update()
+
+    def write_kept(self) -> None:
+        """After a failed write: write once more the records kept in memory (space may have
+        been freed since), then stop.
+
+        Raises:
+            Fault: the first failed write: the grid stops there (every record written is
+                whole; the next call computes what is left).
+        """
+        kept, self.unwritten = self.unwritten, []
+        for cfg, record in kept:
+            self.finish(cfg, record)
+        if self.fault is not None:
+            raise self.fault
 
     def __enter__(self) -> _Claims:
         return self
@@ -174,17 +206,40 @@ class _Claims:
             lock.__exit__(None, None, None)
 
 
+class Records(list):
+    """The records of a profile's runs (a list of dicts), and ``absent``: the runs it plans
+    that have no valid record, as ``(config, why)`` pairs, for the page to say so."""
+
+    absent: list[tuple[RunConfig, str]]
+
+
 def collect(profile: Profile, results: str | os.PathLike,
-            experiment: str | None = None) -> list[dict]:
-    """The records that exist for ``experiment`` (or all), computing nothing.
+            experiment: str | None = None) -> Records:
+    """The records that exist for ``experiment`` (or all), computing nothing; the runs
+    without a valid record are in ``.absent`` (see :func:`absent`).
 
     Sweep runs are not among them (see :func:`fedtune_core.report.lr_sweeps`).
     """
     from fedtune_core import results as res
 
-    cfgs = profile.runs(experiment, rates(profile, results, experiment))
-    records = (res.read_record(res.record_path(results, c)) for c in cfgs)
-    return [r for r in records if r is not None]
+    chosen = rates(profile, results, experiment)
+    found, missing = Records(), []
+    for cfg in profile.runs(experiment, chosen):
+        path = res.record_path(results, cfg)
+        if (record := res.read_record(path)) is not None:
+            found.append(record)
+        else:
+            missing.append((cfg, "invalid record" if os.path.lexists(path) else "no record"))
+    found.absent = missing + [(cfg, "learning rate not chosen: its sweep is incomplete")
+                              for cfg in profile.pending(experiment, chosen)]
+    return found
+
+
+def absent(profile: Profile, results: str | os.PathLike,
+           experiment: str | None = None) -> list[tuple[RunConfig, str]]:
+    """The runs ``experiment`` (or all) plans whose record is missing or invalid, or whose
+    learning rate is not chosen yet, with why: ``(config, why)``."""
+    return collect(profile, results, experiment).absent
 
 
 def no_rate(profile: Profile, results: str | os.PathLike,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -60,9 +59,11 @@ def ensure(model: str, name: str, recipe: Recipe | None = None, *, force: bool =
         return meta
     path = recipes.checkpoint_path(model, name, recipe)
     with cache.lock(path.with_suffix(".lock")):
+        cache.clean_temps(path.parent)  # what a killed builder left
         if not force and (meta := recipes.cached(model, name, recipe)):
             return meta  # another process built it while we waited
-        return _build(model, name, recipe, path, progress, position)
+        with glyphs.pinned_threads():  # the same bytes whatever the machine's threads
+            return _build(model, name, recipe, path, progress, position)
 
 
 def ensure_all(pairs: Iterable[tuple[str, str]], jobs: int = 1, *, force: bool = False,
@@ -88,7 +89,7 @@ def ensure_all(pairs: Iterable[tuple[str, str]], jobs: int = 1, *, force: bool =
 
 
 def _one_thread() -> None:
-    torch.set_num_threads(int(os.environ.get("FEDTUNE_THREADS", "1")))
+    torch.set_num_threads(glyphs.THREADS)
 
 
 def _build(model: str, name: str, recipe: Recipe, path: Path, progress: bool,
@@ -98,7 +99,7 @@ def _build(model: str, name: str, recipe: Recipe, path: Path, progress: bool,
     objective, metrics = train(model, recipe, images, labels, progress, position)
     buffer = io.BytesIO()  # not the file itself: torch would name the archive after it
     torch.save(objective.state_dict(), buffer)
-    with cache.staged(path) as tmp:
+    with cache.staged(path, len(buffer.getvalue())) as tmp:
         tmp.write_bytes(buffer.getvalue())  # the same weights are the same bytes
         quality = probe.proxy_quality(model, tmp)
     meta = {"model": model, "recipe": name, "hash": recipes.recipe_hash(model, recipe),
@@ -113,7 +114,8 @@ def _build(model: str, name: str, recipe: Recipe, path: Path, progress: bool,
 
 def train(model: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
           progress: bool = False, position: int = 0) -> tuple[objectives.Objective, dict]:
-    """Pre-train ``model`` on the corpus; deterministic for the recipe's seed on CPU.
+    """Pre-train ``model`` on the corpus; deterministic for the recipe's seed on CPU,
+    whatever the machine's thread count (it runs with :data:`glyphs.THREADS`).
 
     The last ``recipe.holdout`` images are never trained on; they give the pre-training
     accuracy (47-way: the ViT's own head, CLIP's zero-shot with the class captions).
@@ -122,6 +124,12 @@ def train(model: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
         The objective (model inside) and metrics: ``final_loss``, ``train_acc`` (mean over
         the last 100 steps), ``pretrain_acc`` (held out).
     """
+    with glyphs.pinned_threads():
+        return _train(model, recipe, images, labels, progress, position)
+
+
+def _train(model: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
+           progress: bool, position: int) -> tuple[objectives.Objective, dict]:
     from tqdm import tqdm
 
     spec = models.BACKBONES[model]

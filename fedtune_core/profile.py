@@ -34,6 +34,8 @@ from fedtune_core.errors import SEED_MAX, ConfigError, check_choice
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 EXPERIMENTS = ("tuning_methods", "clip_vs_vit", "few_shot", "fl_vs_local")
+MAX_RUNS_ENV = "FEDTUNE_MAX_RUNS"
+MAX_RUNS = 20_000  # runs a profile may expand to (the paper profile: about 530)
 
 
 def profiles() -> list[str]:
@@ -72,6 +74,8 @@ class Profile:
             if name not in self.experiments:
                 raise ConfigError(f"unknown experiment {name!r} in profile {self.name!r}; "
                                   f"valid choices: {', '.join(self.experiments)}")
+        self._check_size(names)
+        for name in names:
             for i, block in enumerate(self.experiments[name], start=1):
                 try:
                     plans = self._expand(block)
@@ -118,6 +122,19 @@ class Profile:
         return [p.cfg for p in self.planned(experiment) if p.candidates is not None
                 and selection.group_key(p.cfg) not in (rates or {})]
 
+    def _check_size(self, names: tuple[str, ...]) -> None:
+        """Count the runs of ``names`` before building any; refuse more than the cap."""
+        cap = max_runs()
+        total = 0
+        for name in names:
+            for block in self.experiments[name]:
+                axes = {"seed": list(self.seeds)} | block
+                total += math.prod(len(v) if isinstance(v, list) else 1 for v in axes.values())
+        if total > cap:
+            raise ConfigError(f"profile {self.name!r} expands to {total:,} runs, more than the "
+                              f"cap of {cap:,}; shorten its lists, or set {MAX_RUNS_ENV}=N to "
+                              "allow more")
+
     def _expand(self, block: dict[str, Any]) -> list[Planned]:
         block = {"seed": list(self.seeds)} | block
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
@@ -139,6 +156,21 @@ class Profile:
                 values["lr"] = rate
             out.append(Planned(RunConfig.from_dict(values)))
         return out
+
+
+def max_runs() -> int:
+    """The most runs a profile may expand to: ``$FEDTUNE_MAX_RUNS``, default
+    :data:`MAX_RUNS`.
+
+    Raises:
+        ConfigError: a value that is not a whole number >= 1.
+    """
+    text = os.environ.get(MAX_RUNS_ENV, "").strip()
+    if not text:
+        return MAX_RUNS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{MAX_RUNS_ENV} must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def load_profile(name: str | os.PathLike) -> Profile:

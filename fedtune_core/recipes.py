@@ -23,8 +23,9 @@ from fedtune_core.errors import ConfigError, check_choice
 from fedtune_core.specs import BACKBONES, BackboneSpec, check_weights, resolve_weights
 
 # bump when the corpus generator, the training or the probe change what they produce (a
-# sidecar's probe numbers are copied into run records); 2: the probe's C grid up to 1,000
-VERSION = 2
+# sidecar's probe numbers are copied into run records); 2: the probe's C grid up to 1,000;
+# 3: corpus, pre-training and probe pinned to one intra-op thread (the same bytes anywhere)
+VERSION = 3
 # the corpus: 47 classes in the style of EMNIST-balanced (digits, capitals, and the 11
 # lower-case letters whose shape differs from their capital), drawn with matplotlib's fonts
 CLASSES = tuple("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt")

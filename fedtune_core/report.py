@@ -110,7 +110,11 @@ def client_class_counts(config: dict, clients: int = 10,
 
 
 def header(profile: Profile, records: Sequence[dict]) -> str:
-    """Markdown block that opens every report: profile, models, data, seeds, provenance."""
+    """Markdown block that opens every report: profile, models, data, seeds, provenance.
+
+    Records from :func:`fedtune_core.grid.collect` (or ``ensure``) know which planned runs
+    have no valid record: the block then opens with :func:`absent_notice`.
+    """
     ok = [r for r in records if r.get("status") == "ok"]
     bad = len(records) - len(ok)
     weights = sorted({f"{r['config']['model']} ({_weights(r)})" for r in ok})
@@ -121,7 +125,9 @@ def header(profile: Profile, records: Sequence[dict]) -> str:
     devices = Counter(f"{r.get('device')} / {(r.get('hardware') or {}).get('gpu') or 'no GPU'}"
                       for r in ok)
     versions = ok[0]["versions"] if ok else {}
+    notice = absent_notice(getattr(records, "absent", ()))
     lines = [f"**Profile: `{profile.name}`.** {profile.description}", "",
+             *([notice, ""] if notice else []),
              "| | |", "|---|---|",
              f"| models (weights) | {', '.join(weights) or '-'} |",
              f"| dataset | {', '.join(datasets) or '-'} |",
@@ -133,6 +139,24 @@ def header(profile: Profile, records: Sequence[dict]) -> str:
              f"| commit | {', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or '-'} |",
              f"| hardware | {', '.join(f'{d} ({n} runs)' for d, n in devices.items()) or '-'} |"]
     return "\n".join(lines)
+
+
+def absent_notice(absent: Sequence[tuple], shown: int = 10) -> str:
+    """Markdown naming the planned runs without a valid record ('' if none): what is on
+    the page was computed without them, so every verdict of their experiment is
+    incomplete."""
+    if not absent:
+        return ""
+    phrases = []
+    for cfg, why in absent[:shown]:
+        c = cfg.to_dict()
+        phrases.append(f"`{cfg.hash}` ({c['model']} / {results.method_label(c)}, "
+                       f"{c['partition']}, {c['mode']}, seed {c['seed']}: {why})")
+    more = f"; and {len(absent) - shown} more" if len(absent) > shown else ""
+    return (f"**Incomplete: {len(absent)} planned run(s) have no valid record**, so the "
+            "tables, figures and verdicts that would use them are incomplete: "
+            + "; ".join(phrases).replace("|", "\\|") + more
+            + ". Run `fedtune grid` (or `./run_all.sh`) to compute them.")
 
 
 def failed_runs(records: Sequence[dict], shown: int = 10) -> str:
@@ -219,6 +243,8 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
         bad = sum(r.get("status") != "ok" for r in records_by_experiment.get(experiment, []))
         if bad:
             evidence = f"{evidence} ({bad} failed run(s) left out, see the report)"
+        if missing := len(getattr(records_by_experiment.get(experiment), "absent", ())):
+            evidence = f"{evidence} (incomplete: {missing} planned run(s) absent)"
         rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)
@@ -254,13 +280,18 @@ def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame
     Generic over the rows and columns of ``table`` (:func:`findings`) and over verdict
     strings (:func:`mark`). Figures are the PNGs in ``<folder>/figures``, shown as
     thumbnails with their caption from :data:`fedtune_core.plots.FIGURES`, each linking to
-    its full size and to its place in its report. Self-contained: no network needed.
+    its full size and to its place in its report. Self-contained: no network needed. Runs
+    the profile plans without a valid record are named at the top (:func:`absent_notice`).
     """
     folder = Path(folder)
     reports = [{"name": n, "title": t} for n, t in NOTEBOOKS.items()
                if (folder / "reports" / f"{n}.html").exists()]
+    from fedtune_core import grid
+
+    notice = absent_notice(grid.absent(profile, folder))
     page = _TEMPLATES.get_template("index.html.j2").render(
         profile=profile.name, description=markdown_html(profile.description), reports=reports,
+        absent=markdown_html(notice) if notice else "",
         columns=list(table.columns), rows=[_cells(row) for row in table.to_dict("records")],
         tally=_tally(table), rules=markdown_html(verdicts.RULES),
         figures=_figures(folder, {r["name"] for r in reports}))

@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedtune_core import store
+from fedtune_core import cache, store
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import Diverged
 
@@ -41,20 +41,36 @@ def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically: a temporary file in the same folder, fsync, then a rename."""
+    """Write a file atomically: a temporary file in the same folder, fsync, then a rename.
+
+    Raises:
+        Fault: the file system refused it (full: the message says how many bytes were
+            needed), or a folder, pipe or device stands at ``path``; nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=store.tmp_prefix(path), suffix=".tmp")
+    tmp = None
     try:
+        if os.path.lexists(path) and not path.is_file() or path.is_symlink():
+            raise cache.not_regular(path, "file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=store.tmp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # what open() would give (0644 usually)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _unlink(tmp)
+        raise cache.write_fault(err, path, len(text.encode())) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _unlink(tmp)
         raise
+
+
+def _unlink(tmp: str | None) -> None:
+    if tmp is not None:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -94,11 +110,13 @@ def read_record(path: str | os.PathLike, warn: bool = True) -> dict | None:
     is named in one warning line on stderr, once per process, unless ``warn`` is False.
     """
     try:
-        text = Path(path).read_text()
+        text = store.read_capped(path)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:
         why = f"it cannot be read ({getattr(err, 'strerror', None) or type(err).__name__})"
+    except ValueError as err:  # not a regular file, or too large
+        why = str(err)
     else:
         try:
             record = json.loads(text)
@@ -184,9 +202,10 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     cannot be read) is re-raised without writing anything unless ``record_config_errors``.
     """
     store.clean_stale(Path(results, "runs"))
+    path = record_path(results, cfg)
+    store.check_record_path(path)  # before computing: a result that cannot be kept is not made
     if not force and (hit := kept(results, cfg, retry_failed=retry_failed)):
         return hit
-    path = record_path(results, cfg)
     with store.RunLock(path, wait=wait) as lock:
         if not lock.held:
             return None

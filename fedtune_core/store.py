@@ -13,34 +13,23 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import math
 import os
-import re
-import socket
-import sys
-import time
+import stat
 from pathlib import Path
 from typing import Any
 
+from fedtune_core import cache
+from fedtune_core.cache import STALE_SECONDS, host, tmp_prefix  # noqa: F401  (store.host)
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import ConfigError
+from fedtune_core.errors import ConfigError, diagnostics, shown
 
 SCHEMA = 1
 STATUSES = ("ok", "failed")
-STALE_SECONDS = 3600  # a temp file of another host (or of no known writer) older than this
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]*\.tmp$")
+MAX_RECORD_BYTES = 64 * 2**20  # a record is a few kB; what is read of a file is capped
 _warned: set[tuple[str, int]] = set()
-
-
-def host() -> str:
-    """This machine's name without dots (it goes into file names)."""
-    return socket.gethostname().replace(".", "-") or "localhost"
-
-
-def tmp_prefix(path: Path) -> str:
-    """The prefix of a temporary file that will become ``path``: its writer's host and pid."""
-    return f".{path.name}.{host()}.{os.getpid()}."
 
 
 # -- the record schema -----------------------------------------------------------------------
@@ -81,6 +70,8 @@ def problem(record: Any, path: str | os.PathLike) -> str | None:
 def _nonfinite(rounds: list[dict], final: dict) -> str | None:
     """A metric that was not finite (written as null), in an ok record: it diverged."""
     for row in [*rounds, final]:
+        if not isinstance(row.get("round", 0), int) or isinstance(row.get("round"), bool):
+            return f"a round number {row['round']!r} that is not a whole number"
         where = f"round {row['round']}" if "round" in row else "the final metrics"
         if row.get("round", 0) >= 1 and not _is_number(row.get("train_loss")):
             return f"no finite train_loss in {where} (a diverged run recorded as ok)"
@@ -105,8 +96,40 @@ def warn_once(path: str | os.PathLike, why: str) -> None:
         key = (str(path), 0)
     if key not in _warned:
         _warned.add(key)
-        print(f"fedtune: warning: ignoring run record {path}: {why}; the run counts as "
-              "missing and will be computed again", file=sys.stderr, flush=True)
+        print(f"fedtune: warning: ignoring run record {shown(path)}: {why}; the run counts as "
+              "missing and will be computed again", file=diagnostics(), flush=True)
+
+
+def read_capped(path: str | os.PathLike, limit: int | None = None) -> str:
+    """The text of the regular file at ``path``, at most ``limit`` bytes of it (default
+    :data:`MAX_RECORD_BYTES`).
+
+    Never blocks on a pipe or a device, never follows a link.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: not a regular file, or larger than ``limit`` (the message says which).
+    """
+    limit = MAX_RECORD_BYTES if limit is None else limit
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"it is {cache.kind(mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it is larger than {limit:,} bytes")
+    return data.decode()
+
+
+def check_record_path(path: str | os.PathLike) -> None:
+    """Raise :class:`~fedtune_core.errors.Fault` if a record (or its lock) could not be
+    written at ``path``: something that is not a regular file stands there. Checked before
+    a run is computed, so a result is never computed only to be lost at the write."""
+    path = Path(path)
+    for where, what in ((path, "run record"), (path.with_suffix(".lock"), "run lock")):
+        if os.path.lexists(where) and (where.is_symlink() or not where.is_file()):
+            raise cache.not_regular(where, what)
 
 
 # -- per-run locks ---------------------------------------------------------------------------
@@ -131,7 +154,7 @@ class RunLock:
         self._created = _make_dirs(self.path.parent)
         try:
             while not self.held:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_lock(self.path)
                 if not self._lock(fd):
                     os.close(fd)
                     break
@@ -154,9 +177,10 @@ class RunLock:
         except BlockingIOError:
             if not self.wait:
                 return False
-        print(f"fedtune: run {self.path.stem} is being computed by {owner(fd)}; waiting for it",
-              file=sys.stderr, flush=True)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if cache.lock_wait() > 0:
+            print(f"fedtune: run {self.path.stem} is being computed by {owner(fd)}; waiting "
+                  "for it", file=diagnostics(), flush=True)
+        cache.wait_flock(fd, f"run {self.path.stem}", owner(fd))
         return True
 
     def __exit__(self, *exc: object) -> None:
@@ -169,6 +193,20 @@ class RunLock:
                 folder.rmdir()
             except OSError:  # not empty: a record (or another process's file) is in it
                 break
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) a lock file; one that is not a regular file is refused in one line."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno in (errno.EISDIR, errno.ELOOP):
+            raise cache.not_regular(path, "run lock") from None
+        raise cache.write_fault(err, path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise cache.not_regular(path, "run lock")
+    return fd
 
 
 def owner(fd: int) -> str:
@@ -200,40 +238,17 @@ def _make_dirs(folder: Path) -> list[Path]:
 def clean_stale(folder: str | os.PathLike) -> int:
     """Remove the temp files and lock files that dead processes left in ``folder``.
 
-    A temp file goes if its writer (host, pid in its name) is this host's and no longer
-    runs, or if it is older than an hour (another host's, or a name without a writer). A
-    lock file goes if nobody holds it. Returns how many files were removed.
+    Temp files as :func:`fedtune_core.cache.clean_temps` says; a lock file goes if nobody
+    holds it (one that is not a regular file is left to the run that needs it, which
+    refuses it in one line). Returns how many files were removed.
     """
     folder = Path(folder)
+    removed = cache.clean_temps(folder)
     if not folder.is_dir():
-        return 0
-    removed = 0
-    for path in folder.glob(".*.tmp"):
-        if _stale_tmp(path):
-            path.unlink(missing_ok=True)
-            removed += 1
+        return removed
     for path in folder.glob("*.lock"):
+        if not path.is_file() or path.is_symlink():  # refused by the run that needs it
+            continue
         with RunLock(path, wait=False) as lock:
             removed += lock.held  # released (and removed) on leaving the block
     return removed
-
-
-def _stale_tmp(path: Path) -> bool:
-    match = _TMP.match(path.name)
-    if match and match["host"] == host():
-        return not _alive(int(match["pid"]))
-    try:
-        return time.time() - path.stat().st_mtime > STALE_SECONDS
-    except FileNotFoundError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
