@@ -177,12 +177,32 @@ def threads() -> int:
     return value
 
 
+MAX_RUNS_ENV = "FEDTUNE_MAX_RUNS"
+MAX_RUNS = 20_000  # runs a profile may expand to (the paper profile: about 530)
+
+
+def max_runs() -> int:
+    """The most runs a profile may expand to: ``$FEDTUNE_MAX_RUNS``, default
+    :data:`MAX_RUNS`.
+
+    Raises:
+        ConfigError: a value that is not a whole number >= 1.
+    """
+    text = os.environ.get(MAX_RUNS_ENV, "").strip()
+    if not text:
+        return MAX_RUNS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{MAX_RUNS_ENV} must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def check_environment() -> None:
     """The environment variables fedtune reads, checked in microseconds (one line each)."""
     from fedtune_core import cache
 
     threads()
     cache.lock_wait()
+    max_runs()
 
 
 def check_device(name: str, local: bool = True) -> None:

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from fedtune_core import selection
+from fedtune_core.checks import MAX_RUNS_ENV, max_runs
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import SEED_MAX, ConfigError, check_choice
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 EXPERIMENTS = ("tuning_methods", "clip_vs_vit", "few_shot", "fl_vs_local")
-MAX_RUNS_ENV = "FEDTUNE_MAX_RUNS"
-MAX_RUNS = 20_000  # runs a profile may expand to (the paper profile: about 530)
 
 
 def profiles() -> list[str]:
@@ -156,21 +155,6 @@ class Profile:
                 values["lr"] = rate
             out.append(Planned(RunConfig.from_dict(values)))
         return out
-
-
-def max_runs() -> int:
-    """The most runs a profile may expand to: ``$FEDTUNE_MAX_RUNS``, default
-    :data:`MAX_RUNS`.
-
-    Raises:
-        ConfigError: a value that is not a whole number >= 1.
-    """
-    text = os.environ.get(MAX_RUNS_ENV, "").strip()
-    if not text:
-        return MAX_RUNS
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"{MAX_RUNS_ENV} must be a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def load_profile(name: str | os.PathLike) -> Profile:
