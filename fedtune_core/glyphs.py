@@ -221,15 +221,15 @@ def load(cfg: CorpusConfig, progress: bool = False) -> tuple[np.ndarray, np.ndar
     Generated once (under a lock, so parallel processes share one) and written
     atomically, with a sidecar holding each file's sha256; a file whose content does not
     match its sidecar (or of the wrong shape) is never used: it is generated again. Temp
-    files of a writer that was killed are removed by the next call that builds.
+    files of a writer that was killed are removed by the next call.
     """
     stem = cache.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
     paths = Path(f"{stem}-images.npy"), Path(f"{stem}-labels.npy")
     sidecar = Path(f"{stem}.json")
+    cache.clean_temps(sidecar.parent)  # what a killed writer left (only dead writers' files)
     if (found := _read(cfg, *paths, sidecar)) is not None:
         return found
     with cache.lock(Path(f"{stem}.lock")):
-        cache.clean_temps(sidecar.parent)
         if (found := _read(cfg, *paths, sidecar)) is None:
             split = generate(cfg, progress)
             digests = {}

@@ -55,11 +55,11 @@ def ensure(model: str, name: str, recipe: Recipe | None = None, *, force: bool =
     """
     check_choice(f"pre-training recipe for {model}", name, models.BACKBONES[model].recipes)
     recipe = recipe or recipes.named(name)
+    path = recipes.checkpoint_path(model, name, recipe)
+    cache.clean_temps(path.parent)  # what a killed builder left (only dead writers' files)
     if not force and (meta := recipes.cached(model, name, recipe)):
         return meta
-    path = recipes.checkpoint_path(model, name, recipe)
     with cache.lock(path.with_suffix(".lock")):
-        cache.clean_temps(path.parent)  # what a killed builder left
         if not force and (meta := recipes.cached(model, name, recipe)):
             return meta  # another process built it while we waited
         with glyphs.pinned_threads():  # the same bytes whatever the machine's threads
