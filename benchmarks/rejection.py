@@ -23,6 +23,9 @@ CASES = [
     ["params", "--model", "vit-tiny", "--classes", "100000000000"],
     ["grid", "--jobs", "-3"],
     ["grid", "--profile", "paper", "--dry-run", "--results", "/nonexistent"],
+    ["run", "--device", "tpu"],
+    ["run", "--device", "cuda:7"],
+    ["run", "--results", "x" * 300],
 ]
 
 

@@ -331,7 +331,8 @@ def cmd_index(args) -> int:
     profile = load_profile(args.profile)
     folder = default_results(profile, args.results)
     by_experiment = {name: collect(profile, folder, name) for name in profile.experiments}
-    print(report.write_index(folder, profile, report.findings(profile, by_experiment)))
+    print(report.write_index(folder, profile, report.findings(profile, by_experiment),
+                             absent(profile, folder)))
     return 0
 
 

@@ -274,21 +274,21 @@ def markdown_html(text: str) -> Markup:
     return Markup(_MARKDOWN(text))
 
 
-def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame) -> Path:
+def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame,
+                absent: Sequence[tuple] = ()) -> Path:
     """``<folder>/index.html``: the findings with a mark per verdict, every figure, the reports.
 
     Generic over the rows and columns of ``table`` (:func:`findings`) and over verdict
     strings (:func:`mark`). Figures are the PNGs in ``<folder>/figures``, shown as
     thumbnails with their caption from :data:`fedtune_core.plots.FIGURES`, each linking to
-    its full size and to its place in its report. Self-contained: no network needed. Runs
-    the profile plans without a valid record are named at the top (:func:`absent_notice`).
+    its full size and to its place in its report. Self-contained: no network needed.
+    ``absent``, the runs the profile plans without a valid record (``(config, why)``, see
+    :func:`fedtune_core.grid.absent`), are named at the top (:func:`absent_notice`).
     """
     folder = Path(folder)
     reports = [{"name": n, "title": t} for n, t in NOTEBOOKS.items()
                if (folder / "reports" / f"{n}.html").exists()]
-    from fedtune_core import grid
-
-    notice = absent_notice(grid.absent(profile, folder))
+    notice = absent_notice(absent)
     page = _TEMPLATES.get_template("index.html.j2").render(
         profile=profile.name, description=markdown_html(profile.description), reports=reports,
         absent=markdown_html(notice) if notice else "",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import TINY, _files, _refused, _tiny_profile
 
-from fedtune_core import cli, fl, results
+from fedtune_core import cache, cli, fl, results
 from fedtune_core.errors import ConfigError
 from fedtune_core.profile import load_profile
 
@@ -66,6 +66,28 @@ def test_a_cache_folder_that_cannot_be_used_is_one_line_and_no_failed_record(
     _refused(*run_cli(["run", *argv, "--results", out]), ["cannot write", "FEDTUNE_CACHE_DIR"])
     assert _files(out) == [], "a machine fault is not the run's: no failed record"
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_read_only_cache_is_one_line_and_no_failed_record(run_cli, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache_dir))
+
+    class ReadOnly:  # os as the cache sees it, on a file system mounted read-only
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def open(self, path, *args, **kwargs):
+            if str(path).startswith(str(cache_dir)):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return os.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "os", ReadOnly())
+    out = tmp_path / "res"
+    argv = list(TINY)
+    argv[argv.index("--weights") + 1] = "glyphs-weak"
+    _refused(*run_cli(["run", *argv, "--results", out]),
+             ["Read-only file system", "FEDTUNE_CACHE_DIR"])
+    assert _files(out) == []
 
 
 # ---------------------------------------------------------------- devices
