@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +32,7 @@ from fedtune_core.errors import Diverged
 
 SCHEMA = store.SCHEMA
 PACKAGES = ("fedtune", "torch", "torchvision", "timm", "open_clip_torch", "peft", "numpy",
-            "scikit-learn")
+            "scikit-learn", "flwr", "ray")
 
 
 def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
@@ -173,7 +173,7 @@ def git_state() -> dict[str, Any]:
 def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None,
         data_root: str | None = None, progress: bool = False, force: bool = False,
         retry_failed: bool = False, record_config_errors: bool = False,
-        wait: bool = True) -> dict | None:
+        wait: bool = True, execute: Callable[[RunConfig], Any] | None = None) -> dict | None:
     """Run ``cfg`` unless a record makes it needless (:func:`kept`); write and return its record.
 
     The run is computed under its lock: if another process holds it, this one waits for
@@ -182,6 +182,8 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     or ``error``) and the exception is not propagated, so a grid goes on. Bad input
     (:class:`ConfigError`, e.g. a partition that does not fit the data, or weights that
     cannot be read) is re-raised without writing anything unless ``record_config_errors``.
+    ``execute(cfg)`` computes the outcome in place of :func:`fedtune_core.fl.execute` (the
+    ServerApp of a Flower deployment passes its own).
     """
     store.clean_stale(Path(results, "runs"))
     if not force and (hit := kept(results, cfg, retry_failed=retry_failed)):
@@ -193,22 +195,25 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
         if not force and (hit := kept(results, cfg, retry_failed=retry_failed, warn=False)):
             return hit  # another process finished it since we looked (maybe while we waited)
         record = compute(cfg, device=device, data_root=data_root, progress=progress,
-                         record_config_errors=record_config_errors)
+                         record_config_errors=record_config_errors, execute=execute)
         write_json(path, record)
     return record
 
 
 def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None = None,
-            progress: bool = False, record_config_errors: bool = False) -> dict:
+            progress: bool = False, record_config_errors: bool = False,
+            execute: Callable[[RunConfig], Any] | None = None) -> dict:
     """Run ``cfg`` and return its record, writing nothing (see :func:`run`)."""
     from fedtune_core import fl
     from fedtune_core.errors import ConfigError
 
     started, t0 = datetime.now(UTC), time.perf_counter()
     record: dict[str, Any] = {"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(),
-                              "seed": cfg.seed, "started": started.isoformat(timespec="seconds")}
+                              "seed": cfg.seed, "engine": cfg.engine,
+                              "started": started.isoformat(timespec="seconds")}
     try:
-        out = fl.execute(cfg, device=device, data_root=data_root, progress=progress)
+        out = (execute(cfg) if execute else
+               fl.execute(cfg, device=device, data_root=data_root, progress=progress))
         _check_finite(out.rows, out.final)
     except ConfigError as err:
         if not record_config_errors:
@@ -233,8 +238,8 @@ def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> d
     """
     started = datetime.now(UTC).isoformat(timespec="seconds")
     return ({"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(), "seed": cfg.seed,
-             "started": started, "status": "failed", "error": error, "traceback": None,
-             "failure": "error", "rounds": [], "final": {}}
+             "engine": cfg.engine, "started": started, "status": "failed", "error": error,
+             "traceback": None, "failure": "error", "rounds": [], "final": {}}
             | environment() | {"wall_seconds": seconds})
 
 

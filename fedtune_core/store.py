@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune_core.config import RunConfig
+from fedtune_core.config import OMITTED_AT_DEFAULT, RunConfig
 from fedtune_core.errors import ConfigError
 
 SCHEMA = 1
@@ -58,7 +58,8 @@ def problem(record: Any, path: str | os.PathLike) -> str | None:
         return f"hash {record.get('hash')!r} does not match the file name"
     if not isinstance(record.get("config"), dict):
         return "it has no config"
-    if missing := [f.name for f in dataclasses.fields(RunConfig) if f.name not in record["config"]]:
+    if missing := [f.name for f in dataclasses.fields(RunConfig)
+                   if f.name not in record["config"] and f.name not in OMITTED_AT_DEFAULT]:
         return f"its config lacks {', '.join(missing)}"
     try:
         cfg = RunConfig.from_dict(record["config"])
