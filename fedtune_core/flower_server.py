@@ -12,7 +12,7 @@ never averaged without it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ class _Link:
                                f"connected within {wait:g} s")
             time.sleep(1.0)  # Flower's Grid has no event for a node joining
         replies = self.exchange(MessageType.QUERY, ids, {i: i for i in ids}, 0,
-                                lambda: RecordDict({}))
+                                lambda: RecordDict({}), query=True)
         held = {i: int(rep["metrics"]["partition-id"]) for i, rep in zip(ids, replies,
                                                                           strict=True)}
         found = sorted(held.values())
@@ -116,19 +116,26 @@ class _Link:
         return {pid: node for node, pid in held.items()}
 
     def exchange(self, kind: str, pids: Sequence[int], nodes: dict[int, int], r: int,
-                 content) -> list[RecordDict]:
+                 content: Callable[[], RecordDict], query: bool = False) -> list[RecordDict]:
         """Send ``content()`` to each partition's node; the replies' contents in ``pids``
-        order. Raises :class:`NodeLost` naming the first partition that failed."""
+        order (``query``: ``pids`` are node ids, partitions not known yet). Raises
+        :class:`NodeLost` naming the first partition whose reply is missing or an error."""
         msgs = [Message(content(), dst_node_id=nodes[p], message_type=kind, group_id=str(r))
                 for p in pids]
+        t0 = time.monotonic()
         replies = {m.metadata.src_node_id: m for m in
                    self.grid.send_and_receive(msgs, timeout=self.timeout)}
         out = []
         for p in pids:
-            where = f"partition {p} (SuperNode {nodes[p]}) in {kind} round {r}"
+            node = f"SuperNode {nodes[p]}"
+            where = f"{node if query else f'partition {p} ({node})'} in {kind} round {r}"
             reply = replies.get(nodes[p])
             if reply is None:
-                raise NodeLost(f"{where} sent no reply within {self.timeout:g} s")
+                gone = nodes[p] not in set(self.grid.get_node_ids())
+                why = ("it left the federation (no heartbeat)" if gone else
+                       f"no reply after {time.monotonic() - t0:.0f} s "
+                       f"(hang guard {self.timeout:g} s)")
+                raise NodeLost(f"{where} was lost: {why}")
             if reply.has_error():
                 raise NodeLost(f"{where} was lost: {reply.error.reason} "
                                f"(Flower error code {reply.error.code})")
