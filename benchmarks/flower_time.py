@@ -16,7 +16,7 @@ import platform
 import time
 from datetime import UTC, datetime
 
-from fedtune_core import fl
+from fedtune_core import fl, flower_app
 from fedtune_core.config import RunConfig
 
 
@@ -34,9 +34,9 @@ def main() -> None:
                     dataset="digits", partition="iid", clients=args.clients,
                     sample=args.sample, rounds=args.rounds, batch_size=64)
     seconds, rows = {}, {}
-    for engine in ("builtin", "flower"):
+    for engine, execute in (("builtin", fl.execute), ("flower", flower_app.execute)):
         t0 = time.perf_counter()
-        rows[engine] = fl.execute(cfg.replace(engine=engine), device="cpu").rows
+        rows[engine] = execute(cfg.replace(engine=engine), device="cpu").rows
         seconds[engine] = time.perf_counter() - t0
     same = all(abs(a["test_acc"] - b["test_acc"]) <= 1e-6
                for a, b in zip(rows["builtin"], rows["flower"], strict=True))

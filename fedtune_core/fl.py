@@ -477,12 +477,11 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
         ConfigError: input that turns out bad once the data is loaded (a partition that
             leaves a client without data, unreadable images or weights), before training.
         Diverged: a loss or an accuracy became non-finite; the round says when.
+        ValueError: ``cfg.engine`` is not ``builtin``.
     """
-    if cfg.engine == "flower":
-        from fedtune_core import flower_app  # the optional extra: imported only when asked
-
-        return flower_app.execute(cfg, device=device, data_root=data_root, progress=progress,
-                                  cache_features=cache_features)
+    if cfg.engine != "builtin":
+        raise ValueError(f"fl.execute runs the built-in loop, not engine {cfg.engine!r} "
+                         "(fedtune_core.flower_app.execute runs Flower)")
     dev = pick_device(device)
     dataset, parts = load_split(cfg, data_root)
     model = build_model(cfg, dataset, progress)

@@ -12,7 +12,7 @@ the same numbers in either engine. Only the trainable state travels.
 
 Two ways to run it: :func:`execute` (``fedtune run --engine flower``: Flower's simulation
 engine, in this process and Ray actors), and ``flwr run flower/`` against a SuperLink and
-SuperNodes (:data:`server_app`, :data:`client_app`; the app folder is ``flower/``).
+SuperNodes (the apps in :mod:`fedtune_core.flower_deploy`; the app folder is ``flower/``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune_core import data, fl, tuning
+from fedtune_core import data, fl, flower_server, tuning
 from fedtune_core.config import RunConfig
-
-# keys of a Flower run config (``flwr run --run-config``) that fedtune reads
-CONFIG, RESULTS, DEVICE, DATA_DIR = "fedtune-config", "results", "device", "data-dir"
-CACHE_FEATURES, REPLY_TIMEOUT, NODE_TIMEOUT = "cache-features", "reply-timeout", "node-timeout"
-DEFAULTS: dict[str, Any] = {RESULTS: "results/flower", DEVICE: "auto", DATA_DIR: "",
-                            CACHE_FEATURES: True, REPLY_TIMEOUT: 3600.0, NODE_TIMEOUT: 600.0}
+from fedtune_core.flower_server import CACHE_FEATURES, CONFIG, DATA_DIR, DEFAULTS, DEVICE
 
 
 def settings_of(cfg: RunConfig, **values: Any) -> dict[str, Any]:
@@ -56,12 +51,6 @@ def config_of(settings: Mapping[str, Any]) -> RunConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{CONFIG} must be a JSON object of config fields, got {values!r}")
     return RunConfig.from_dict(values).replace(engine="flower")
-
-
-def carried(record: ArrayRecord) -> int:
-    """Bytes of the tensors an ArrayRecord carries: numel x element size of each array (what
-    :func:`fedtune_core.fl.state_bytes` counts, without the serialisation's headers)."""
-    return sum(array.numpy().nbytes for array in record.values())
 
 
 @dataclass
@@ -153,29 +142,11 @@ def server_app_for(main: Callable[[Grid, Context], None]) -> ServerApp:
     return app
 
 
-def _deployed(grid: Grid, context: Context) -> None:
-    """``flwr run``: run the config the run config carries and write its record."""
-    from fedtune_core import flower_server, results
-
-    settings = DEFAULTS | dict(context.run_config)
-    cfg = config_of(settings)
-    record = results.run(cfg, settings[RESULTS], progress=False, execute=lambda c: (
-        flower_server.serve(grid, c, settings)))
-    path = results.record_path(settings[RESULTS], cfg)
-    print(f"fedtune: {record['status']} record {path}", flush=True)
-
-
-client_app = client_app_for()  # flwr run: components in flower/pyproject.toml
-server_app = server_app_for(_deployed)
-
-
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
             progress: bool = False, cache_features: bool = True) -> fl.Outcome:
     """Run ``cfg`` through Flower's simulation engine (one virtual SuperNode per client);
     what :func:`fedtune_core.fl.execute` returns for ``engine = "flower"``."""
     from flwr.simulation import run_simulation
-
-    from fedtune_core import flower_server
 
     settings = settings_of(cfg, **{DEVICE: device or "auto", DATA_DIR: data_root or "",
                                    CACHE_FEATURES: cache_features})

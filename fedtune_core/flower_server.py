@@ -21,14 +21,18 @@ from flwr.serverapp import Grid
 
 from fedtune_core import fl, tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.flower_app import (
-    CACHE_FEATURES,
-    DATA_DIR,
-    DEVICE,
-    NODE_TIMEOUT,
-    REPLY_TIMEOUT,
-    carried,
-)
+
+# keys of a Flower run config (``flwr run --run-config``) that fedtune reads
+CONFIG, RESULTS, DEVICE, DATA_DIR = "fedtune-config", "results", "device", "data-dir"
+CACHE_FEATURES, REPLY_TIMEOUT, NODE_TIMEOUT = "cache-features", "reply-timeout", "node-timeout"
+DEFAULTS: dict[str, Any] = {RESULTS: "results/flower", DEVICE: "auto", DATA_DIR: "",
+                            CACHE_FEATURES: True, REPLY_TIMEOUT: 3600.0, NODE_TIMEOUT: 600.0}
+
+
+def carried(record: ArrayRecord) -> int:
+    """Bytes of the tensors an ArrayRecord carries: numel x element size of each array (what
+    :func:`fedtune_core.fl.state_bytes` counts, without the serialisation's headers)."""
+    return sum(array.numpy().nbytes for array in record.values())
 
 
 class NodeLost(RuntimeError):

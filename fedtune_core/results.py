@@ -12,6 +12,8 @@ counts as missing.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -204,7 +206,6 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
             progress: bool = False, record_config_errors: bool = False,
             execute: Callable[[RunConfig], Any] | None = None) -> dict:
     """Run ``cfg`` and return its record, writing nothing (see :func:`run`)."""
-    from fedtune_core import fl
     from fedtune_core.errors import ConfigError
 
     started, t0 = datetime.now(UTC), time.perf_counter()
@@ -212,8 +213,7 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
                               "seed": cfg.seed, "engine": cfg.engine,
                               "started": started.isoformat(timespec="seconds")}
     try:
-        out = (execute(cfg) if execute else
-               fl.execute(cfg, device=device, data_root=data_root, progress=progress))
+        out = (execute or _engine(cfg, device, data_root, progress))(cfg)
         _check_finite(out.rows, out.final)
     except ConfigError as err:
         if not record_config_errors:
@@ -228,6 +228,29 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
                    "weights": out.weights,
                    "device": out.device}
     return record | environment() | {"wall_seconds": time.perf_counter() - t0}
+
+
+def _engine(cfg: RunConfig, device: str | None, data_root: str | None,
+            progress: bool) -> Callable[[RunConfig], Any]:
+    """What computes ``cfg``'s outcome: the built-in loop, or Flower's simulation engine.
+
+    Raises:
+        ConfigError: engine ``flower`` without Flower installed.
+    """
+    from fedtune_core.errors import ConfigError
+
+    if cfg.engine == "builtin":
+        from fedtune_core import fl
+
+        return functools.partial(fl.execute, device=device, data_root=data_root,
+                                 progress=progress)
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError(f"engine {cfg.engine!r} needs Flower, which is not installed here: "
+                          "pip install -e '.[flower]' (or use engine 'builtin')")
+    from fedtune_core import flower_app  # the optional extra: imported only when asked
+
+    return functools.partial(flower_app.execute, device=device, data_root=data_root,
+                             progress=progress)
 
 
 def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> dict:

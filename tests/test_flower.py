@@ -45,6 +45,11 @@ def test_bad_engine_is_refused_naming_it(tiny_config, changes, words):
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
+def test_the_builtin_loop_refuses_another_engines_config(tiny_config):
+    with pytest.raises(ValueError, match="flower_app"):
+        fl.execute(tiny_config(engine="flower"))
+
+
 def test_cli_refuses_a_bad_engine_writing_nothing(run_cli, tmp_results):
     code, out, err = run_cli(["run", "--engine", "ray", "--results", tmp_results])
     assert code == 2 and "engine 'ray'" in err and "flower" in err
@@ -54,14 +59,17 @@ def test_cli_refuses_a_bad_engine_writing_nothing(run_cli, tmp_results):
 def _flower():
     pytest.importorskip("flwr", reason="the Flower engine needs the extra: "
                                        "pip install -e '.[flower]'")
+    from fedtune_core import flower_app
+
+    return flower_app
 
 
 @pytest.mark.parametrize("model", ["vit-tiny", "clip-tiny"])
 @pytest.mark.parametrize("method", ["bias", "lora", "full"])
 def test_flower_simulation_equals_the_builtin_loop(tiny_config, model, method):
-    _flower()
+    flower_app = _flower()
     cfg = tiny_config(model=model, method=method, clients=3, sample=2, rounds=2)
-    builtin, flower = fl.execute(cfg), fl.execute(cfg.replace(engine="flower"))
+    builtin, flower = fl.execute(cfg), flower_app.execute(cfg.replace(engine="flower"))
     assert len(flower.rows) == len(builtin.rows) == cfg.rounds + 1
     for got, want in zip(flower.rows, builtin.rows, strict=True):
         for key in ("test_acc", "test_loss", "train_loss"):
