@@ -94,3 +94,16 @@ def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_result
     builtin = fl.execute(cfg.replace(engine="builtin"))
     assert [r["test_acc"] for r in record["rounds"]] == pytest.approx(
         [r["test_acc"] for r in builtin.rows], abs=1e-6)
+
+
+def test_a_profile_runs_its_fedavg_runs_on_the_engine_it_sets(tmp_path):
+    from fedtune_core.profile import load_profile
+
+    path = tmp_path / "flowered.toml"
+    path.write_text('seeds = [0]\n[base]\nengine = "flower"\ndataset = "digits"\n'
+                    'weights = "none"\nclients = 2\nsample = 2\nrounds = 1\n'
+                    '[lr]\nbias = 1e-3\n'
+                    '[[fl_vs_local]]\nmodel = "vit-tiny"\nmethod = "bias"\n'
+                    'mode = ["fl", "local", "central"]\n')
+    engines = {cfg.mode: cfg.engine for cfg in load_profile(path).runs()}
+    assert engines == {"fl": "flower", "local": "builtin", "central": "builtin"}
