@@ -20,7 +20,7 @@ from fedtune_core.errors import ConfigError, check_int
 MAX_CLASSES = 100_000  # fedtune params: ImageNet-21k has 21,843
 RUN_FIELDS = ("model", "weights", "quick_gelu", "method", "dataset", "partition", "clients",
               "sample", "rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay",
-              "local_test_fraction", "val_fraction", "mode", "eval_every", "seed")
+              "local_test_fraction", "val_fraction", "mode", "eval_every", "seed", "engine")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -25,6 +25,10 @@ from fedtune_core.errors import (
 )
 
 MODES = ("fl", "local", "central")
+ENGINES = ("builtin", "flower")  # fedtune's own FedAvg loop; Flower (fedtune_core.flower_app)
+# fields left out of to_dict (and so of the hash) at these values: the identity of every
+# config from before they existed stays what it was
+OMITTED_AT_DEFAULT = {"engine": "builtin"}
 OPTIMIZERS = ("sgd", "adamw")
 # integer fields: (lowest, highest). The upper bounds are far beyond any study (the paper:
 # 50 clients, 50 rounds) and keep a typo from allocating terabytes or running for ever.
@@ -60,6 +64,10 @@ class RunConfig:
     is on the validation splits (their union stands in for the global test set), the
     test sets are never evaluated, and every metric is named ``val_*`` instead of
     ``test_*``.
+
+    ``engine`` is part of the identity only when it is not ``builtin``: a Flower run is a
+    record of its own (never a cache hit for the built-in loop's, nor the reverse), and the
+    hash of every built-in config is what it was before engines existed.
     """
 
     model: str = "vit-tiny"  # backbone name, see specs.BACKBONES
@@ -82,6 +90,7 @@ class RunConfig:
     mode: str = "fl"  # fl (FedAvg), local (each client alone), central (all data pooled)
     eval_every: int = 1  # evaluate on the global test set every this many rounds (and the last)
     seed: int = 0  # the one seed for partition, init, client sampling and data order
+    engine: str = "builtin"  # what runs FedAvg: builtin (our loop) or flower (Flower's engine)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_options, Mapping):
@@ -99,7 +108,8 @@ class RunConfig:
         """
         from fedtune_core import checks, partition, recipes, specs, tuning
 
-        for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode"):
+        for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode",
+                     "engine"):
             check_str(name, getattr(self, name))
         check_choice("model", self.model, specs.BACKBONES)
         recipes.check_run_weights(self.model, self.weights)  # specs.check_weights, and hashes
@@ -110,6 +120,10 @@ class RunConfig:
         partition.parse(self.partition)
         check_choice("mode", self.mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("engine", self.engine, ENGINES)
+        if self.engine != "builtin" and self.mode != "fl":
+            raise ConfigError(f"engine {self.engine!r} runs FedAvg (mode 'fl') only, got mode "
+                              f"{self.mode!r}; valid engines for it: builtin")
         for name, (low, high) in INT_BOUNDS.items():
             check_int(name, getattr(self, name), low, high)
         if self.sample > self.clients:
@@ -131,7 +145,8 @@ class RunConfig:
         """Plain, JSON-ready dict of the config, method options resolved to full values.
 
         Pre-training recipe weights (``auto`` on the tiny models) become ``<recipe>@<hash>``,
-        so a changed recipe is a different run.
+        so a changed recipe is a different run. A field at its :data:`OMITTED_AT_DEFAULT`
+        value is left out.
         """
         from fedtune_core import recipes, tuning
 
@@ -140,7 +155,8 @@ class RunConfig:
         out["method_options"] = dataclasses.asdict(
             tuning.method_config(self.method, self.method_options))
         out["lr"] = self.resolved_lr
-        return out
+        return {k: v for k, v in out.items()
+                if k not in OMITTED_AT_DEFAULT or v != OMITTED_AT_DEFAULT[k]}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -236,7 +236,7 @@ def schedule(cfg: RunConfig) -> list[np.ndarray]:
             for _ in range(cfg.rounds)]
 
 
-def _row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, down: int,
+def row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, down: int,
          seconds: float, **extra: Any) -> dict[str, Any]:
     """One round's metrics. Raises :class:`Diverged` if a loss or accuracy is not finite."""
     acc, loss = test if test else (None, None)
@@ -247,19 +247,37 @@ def _row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, d
             "bytes_up": up, "bytes_down": down, "seconds": seconds, **extra}
 
 
+def client_step(cfg: RunConfig, trainer: Trainer, state: State, client: Client, r: int,
+                c: int) -> tuple[State, int, float]:
+    """One client's part of round ``r``: load the server's ``state``, train E local epochs
+    on its own split (data order from seed, round and client id ``c``), hand back
+    (new state, sample count, mean training loss). The same step runs in every engine."""
+    trainer.load(state)
+    loss = trainer.fit(client.train, cfg.local_epochs, (cfg.seed, r, int(c)))
+    return trainer.state(), len(client.train), loss
+
+
+def server_step(cfg: RunConfig, trainer: Trainer, evaluation: data.Split, r: int,
+                updates: Iterable[tuple[State, int]]) -> tuple[State, tuple[float, float] | None]:
+    """The server's part of round ``r``: average ``updates`` (:func:`fedavg`), load the
+    result, and evaluate it where the round asks for it; (new state, (acc, loss) or None)."""
+    state = fedavg(updates)
+    trainer.load(state)
+    return state, trainer.evaluate(evaluation) if _eval_round(cfg, r) else None
+
+
 def _client_updates(cfg: RunConfig, trainer: Trainer, state: State, chosen: list[Client],
                     ids: np.ndarray, r: int, log: dict[str, list]) -> Iterator[tuple[State, int]]:
     """Each chosen client in turn: receive ``state``, train, send its state and sample count."""
     for client, c in zip(chosen, ids, strict=True):
-        trainer.load(state)
-        log["loss"].append(trainer.fit(client.train, cfg.local_epochs, (cfg.seed, r, int(c))))
-        update = trainer.state()
+        update, n, loss = client_step(cfg, trainer, state, client, r, int(c))
+        log["loss"].append(loss)
         log["bytes"].append(state_bytes(update))
-        log["samples"][c] += cfg.local_epochs * len(client.train)
-        yield update, len(client.train)
+        log["samples"][c] += cfg.local_epochs * n
+        yield update, n
 
 
-def _samples(per_client: np.ndarray) -> dict[str, Any]:
+def samples_metrics(per_client: np.ndarray) -> dict[str, Any]:
     return {"samples_processed": int(per_client.sum()),
             "samples_per_client": [int(n) for n in per_client]}
 
@@ -275,13 +293,11 @@ def run_fl(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.S
         t0 = time.perf_counter()
         log: dict[str, Any] = {"loss": [], "bytes": [], "samples": samples}
         down = cfg.sample * state_bytes(state)
-        state = fedavg(_client_updates(cfg, trainer, state, [clients[c] for c in chosen],
-                                       chosen, r, log))
-        trainer.load(state)
-        evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
-        rows.append(_row(r, evaluated, float(np.mean(log["loss"])), sum(log["bytes"]), down,
+        state, evaluated = server_step(cfg, trainer, test, r, _client_updates(
+            cfg, trainer, state, [clients[c] for c in chosen], chosen, r, log))
+        rows.append(row(r, evaluated, float(np.mean(log["loss"])), sum(log["bytes"]), down,
                          time.perf_counter() - t0))
-    return rows, _final_shared(trainer, clients, rows) | _samples(samples)
+    return rows, final_shared(trainer, clients, rows) | samples_metrics(samples)
 
 
 def run_central(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: data.Split,
@@ -306,8 +322,8 @@ def run_central(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: d
         loss = trainer.train_on(pooled, [order])
         samples += np.bincount(owner[order], minlength=len(clients))
         evaluated = trainer.evaluate(test) if _eval_round(cfg, r) else None
-        rows.append(_row(r, evaluated, loss, 0, 0, time.perf_counter() - t0))
-    return rows, _final_shared(trainer, clients, rows) | _samples(samples)
+        rows.append(row(r, evaluated, loss, 0, 0, time.perf_counter() - t0))
+    return rows, final_shared(trainer, clients, rows) | samples_metrics(samples)
 
 
 def _shuffled_stream(n: int, rng: np.random.Generator) -> Iterator[int]:
@@ -351,7 +367,7 @@ def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: dat
     for r in range(1, rounds + 1):
         col = r - 1
         evaluated = (acc[:, col].mean(), loss[:, col].mean()) if _eval_round(cfg, r) else None
-        rows.append(_row(r, evaluated, float(np.nanmean(train_loss[:, col])), 0, 0,
+        rows.append(row(r, evaluated, float(np.nanmean(train_loss[:, col])), 0, 0,
                          float(seconds[:, col].sum()),
                          test_acc_std=float(acc[:, col].std()) if evaluated else None))
     last = rows[-1]
@@ -359,10 +375,10 @@ def run_local(cfg: RunConfig, trainer: Trainer, clients: list[Client], test: dat
              "test_acc_std": last["test_acc_std"],
              "local_test_acc": float(own_test.mean()), "local_test_acc_std": float(own_test.std()),
              "train_acc": float(own_train.mean())}
-    return rows, final | _samples(samples)
+    return rows, final | samples_metrics(samples)
 
 
-def _final_shared(trainer: Trainer, clients: list[Client], rows: list[dict]) -> dict:
+def final_shared(trainer: Trainer, clients: list[Client], rows: list[dict]) -> dict:
     """Final metrics of one shared model (FedAvg, central): global and per-client."""
     own_test = trainer.per_client(clients, "test")
     return {"test_acc": rows[-1]["test_acc"], "test_loss": rows[-1]["test_loss"],
@@ -402,23 +418,32 @@ def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | Non
     return Trainer(net, [], cfg, dev).evaluate(data_.test.to(dev))[0]
 
 
+def client_indices(cfg: RunConfig, parts: partition.ClientSplit
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each client's (train, own test) indices into the training pool.
+
+    In a validation run (``val_fraction > 0``) each client's validation split (carved from
+    its training split) takes the place of its test split.
+    """
+    if not cfg.val_fraction:
+        return list(zip(parts.train, parts.test, strict=True))
+    held = partition.hold_out(parts.train, cfg.val_fraction, cfg.seed)
+    return list(zip(held.train, held.test, strict=True))
+
+
 def _clients(cfg: RunConfig, dataset: data.Dataset, parts: partition.ClientSplit,
              dev: torch.device) -> tuple[list[Client], data.Split]:
     """The clients and the evaluation set of a run, on the device.
 
     Normally each client holds its train and local test split, and the evaluation set is
-    the global test set. In a validation run (``val_fraction > 0``) each client's
-    validation split (carved from its training split) takes the place of its test split,
-    their union that of the global test set, and no test image is even moved.
+    the global test set. In a validation run their validation splits' union takes the place
+    of the global test set, and no test image is even moved (:func:`client_indices`).
     """
-    train = dataset.train.to(dev)
+    train, pairs = dataset.train.to(dev), client_indices(cfg, parts)
+    clients = [Client(train.subset(a), train.subset(b)) for a, b in pairs]
     if not cfg.val_fraction:
-        pairs = zip(parts.train, parts.test, strict=True)
-        return [Client(train.subset(a), train.subset(b)) for a, b in pairs], dataset.test.to(dev)
-    held = partition.hold_out(parts.train, cfg.val_fraction, cfg.seed)
-    pairs = zip(held.train, held.test, strict=True)
-    clients = [Client(train.subset(a), train.subset(v)) for a, v in pairs]
-    return clients, train.subset(np.concatenate(held.test))
+        return clients, dataset.test.to(dev)
+    return clients, train.subset(np.concatenate([b for _, b in pairs]))
 
 
 def _encoded(trainer: Trainer, dataset: data.Dataset, cfg: RunConfig,
@@ -453,15 +478,14 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
         ConfigError: input that turns out bad once the data is loaded (a partition that
             leaves a client without data, unreadable images or weights), before training.
         Diverged: a loss or an accuracy became non-finite; the round says when.
+        ValueError: ``cfg.engine`` is not ``builtin``.
     """
+    if cfg.engine != "builtin":
+        raise ValueError(f"fl.execute runs the built-in loop, not engine {cfg.engine!r} "
+                         "(fedtune_core.flower_app.execute runs Flower)")
     dev = pick_device(device)
-    dataset = data.load(cfg.dataset, data_root)
-    parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
-                                    cfg.seed, cfg.local_test_fraction,
-                                    num_classes=len(dataset.class_names))  # fits? before building
-    torch.manual_seed(cfg.seed)
-    model = pretrain.build(cfg.model, dataset.class_names, cfg.weights,
-                           quick_gelu=cfg.quick_gelu, progress=progress)
+    dataset, parts = load_split(cfg, data_root)
+    model = build_model(cfg, dataset, progress)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
     as_built = Trainer(model, [], cfg, dev).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
@@ -470,15 +494,44 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
         clients, evaluation = _clients(cfg, _encoded(trainer, dataset, cfg, dev), parts, dev)
     initial = trainer.evaluate(evaluation)
     rows, final = MODES[cfg.mode](cfg, trainer, clients, evaluation, progress)
-    rows.insert(0, _row(0, initial, None, 0, 0, 0.0))
+    return outcome(cfg, trainer, rows, final, as_built, initial)
+
+
+def load_split(cfg: RunConfig, data_root: str | None
+               ) -> tuple[data.Dataset, partition.ClientSplit]:
+    """The run's dataset and its seeded split into clients (checked to fit the data).
+
+    Raises:
+        ConfigError: a partition that leaves a client without data, unreadable images.
+    """
+    dataset = data.load(cfg.dataset, data_root)
+    parts = partition.split_clients(dataset.train.labels.numpy(), cfg.partition, cfg.clients,
+                                    cfg.seed, cfg.local_test_fraction,
+                                    num_classes=len(dataset.class_names))  # fits? before building
+    return dataset, parts
+
+
+def build_model(cfg: RunConfig, dataset: data.Dataset, progress: bool) -> models.Classifier:
+    """The run's model as built from its weights, initialised from the run's seed (the
+    same in every process that builds it), before the tuning method is applied."""
+    torch.manual_seed(cfg.seed)
+    return pretrain.build(cfg.model, dataset.class_names, cfg.weights,
+                          quick_gelu=cfg.quick_gelu, progress=progress)
+
+
+def outcome(cfg: RunConfig, trainer: Trainer, rows: list[dict], final: dict[str, Any],
+            as_built: tuple[float, float], initial: tuple[float, float]) -> Outcome:
+    """A run's outcome from its rounds and final metrics (rows: rounds 1..R, round 0 added
+    here from ``initial``); every engine ends a run through it."""
+    rows.insert(0, row(0, initial, None, 0, 0, 0.0))
     final |= {"zero_shot_test_acc": as_built[0], "initial_test_acc": initial[0],
               "bytes_up": sum(r["bytes_up"] for r in rows),
               "bytes_down": sum(r["bytes_down"] for r in rows)}
     if cfg.val_fraction:
         rows, final = [_as_validation(r) for r in rows], _as_validation(final)
-    trainable, total = tuning.count_parameters(model)
+    trainable, total = tuning.count_parameters(trainer.model)
     return Outcome(rows, final, trainable, total, state_bytes(trainer.state()),
-                   _weights_info(cfg), str(dev))
+                   _weights_info(cfg), str(trainer.device))
 
 
 def _weights_info(cfg: RunConfig) -> dict[str, Any]:

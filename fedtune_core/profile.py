@@ -146,6 +146,8 @@ class Profile:
                     raise ConfigError(f"unknown variant {variant!r} in profile {self.name!r}; "
                                       f"valid choices: {', '.join(self.variants)}")
                 values |= self.variants[variant]
+            if values.get("mode", "fl") != "fl" and "engine" not in block:
+                values["engine"] = "builtin"  # a profile's engine runs its FedAvg runs only
             method = values.get("method", RunConfig.method)
             rate = self.lr.get(method) if "lr" not in values else None
             if isinstance(rate, tuple):

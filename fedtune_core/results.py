@@ -12,6 +12,8 @@ counts as missing.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +34,7 @@ from fedtune_core.errors import Diverged
 
 SCHEMA = store.SCHEMA
 PACKAGES = ("fedtune", "torch", "torchvision", "timm", "open_clip_torch", "peft", "numpy",
-            "scikit-learn")
+            "scikit-learn", "flwr", "ray")
 
 
 def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
@@ -191,7 +193,7 @@ def git_state() -> dict[str, Any]:
 def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None,
         data_root: str | None = None, progress: bool = False, force: bool = False,
         retry_failed: bool = False, record_config_errors: bool = False,
-        wait: bool = True) -> dict | None:
+        wait: bool = True, execute: Callable[[RunConfig], Any] | None = None) -> dict | None:
     """Run ``cfg`` unless a record makes it needless (:func:`kept`); write and return its record.
 
     The run is computed under its lock: if another process holds it, this one waits for
@@ -200,6 +202,8 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     or ``error``) and the exception is not propagated, so a grid goes on. Bad input
     (:class:`ConfigError`, e.g. a partition that does not fit the data, or weights that
     cannot be read) is re-raised without writing anything unless ``record_config_errors``.
+    ``execute(cfg)`` computes the outcome in place of :func:`fedtune_core.fl.execute` (the
+    ServerApp of a Flower deployment passes its own).
     """
     store.clean_stale(Path(results, "runs"))
     path = record_path(results, cfg)
@@ -212,22 +216,23 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
         if not force and (hit := kept(results, cfg, retry_failed=retry_failed, warn=False)):
             return hit  # another process finished it since we looked (maybe while we waited)
         record = compute(cfg, device=device, data_root=data_root, progress=progress,
-                         record_config_errors=record_config_errors)
+                         record_config_errors=record_config_errors, execute=execute)
         write_json(path, record)
     return record
 
 
 def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None = None,
-            progress: bool = False, record_config_errors: bool = False) -> dict:
+            progress: bool = False, record_config_errors: bool = False,
+            execute: Callable[[RunConfig], Any] | None = None) -> dict:
     """Run ``cfg`` and return its record, writing nothing (see :func:`run`)."""
-    from fedtune_core import fl
     from fedtune_core.errors import ConfigError
 
     started, t0 = datetime.now(UTC), time.perf_counter()
     record: dict[str, Any] = {"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(),
-                              "seed": cfg.seed, "started": started.isoformat(timespec="seconds")}
+                              "seed": cfg.seed, "engine": cfg.engine,
+                              "started": started.isoformat(timespec="seconds")}
     try:
-        out = fl.execute(cfg, device=device, data_root=data_root, progress=progress)
+        out = (execute or _engine(cfg, device, data_root, progress))(cfg)
         _check_finite(out.rows, out.final)
     except ConfigError as err:
         if not record_config_errors:
@@ -244,6 +249,29 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
     return record | environment() | {"wall_seconds": time.perf_counter() - t0}
 
 
+def _engine(cfg: RunConfig, device: str | None, data_root: str | None,
+            progress: bool) -> Callable[[RunConfig], Any]:
+    """What computes ``cfg``'s outcome: the built-in loop, or Flower's simulation engine.
+
+    Raises:
+        ConfigError: engine ``flower`` without Flower installed.
+    """
+    from fedtune_core.errors import ConfigError
+
+    if cfg.engine == "builtin":
+        from fedtune_core import fl
+
+        return functools.partial(fl.execute, device=device, data_root=data_root,
+                                 progress=progress)
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError(f"engine {cfg.engine!r} needs Flower, which is not installed here: "
+                          "pip install -e '.[flower]' (or use engine 'builtin')")
+    from fedtune_core import flower_app  # the optional extra: imported only when asked
+
+    return functools.partial(flower_app.execute, device=device, data_root=data_root,
+                             progress=progress)
+
+
 def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> dict:
     """The record of a run whose process died before it could report (killed, crashed).
 
@@ -252,8 +280,8 @@ def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> d
     """
     started = datetime.now(UTC).isoformat(timespec="seconds")
     return ({"schema": SCHEMA, "hash": cfg.hash, "config": cfg.to_dict(), "seed": cfg.seed,
-             "started": started, "status": "failed", "error": error, "traceback": None,
-             "failure": "error", "rounds": [], "final": {}}
+             "engine": cfg.engine, "started": started, "status": "failed", "error": error,
+             "traceback": None, "failure": "error", "rounds": [], "final": {}}
             | environment() | {"wall_seconds": seconds})
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from fedtune_core import cache
 from fedtune_core.cache import STALE_SECONDS, host, tmp_prefix  # noqa: F401  (store.host)
-from fedtune_core.config import RunConfig
+from fedtune_core.config import OMITTED_AT_DEFAULT, RunConfig
 from fedtune_core.errors import ConfigError, diagnostics, shown
 
 SCHEMA = 1
@@ -47,7 +47,8 @@ def problem(record: Any, path: str | os.PathLike) -> str | None:
         return f"hash {record.get('hash')!r} does not match the file name"
     if not isinstance(record.get("config"), dict):
         return "it has no config"
-    if missing := [f.name for f in dataclasses.fields(RunConfig) if f.name not in record["config"]]:
+    if missing := [f.name for f in dataclasses.fields(RunConfig)
+                   if f.name not in record["config"] and f.name not in OMITTED_AT_DEFAULT]:
         return f"its config lacks {', '.join(missing)}"
     try:
         cfg = RunConfig.from_dict(record["config"])

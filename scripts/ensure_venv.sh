@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Create .venv if it is missing and install fedtune into it (editable), with the extras in
-# $FEDTUNE_EXTRAS: run_tests.sh asks for dev,ray (the tests run the Ray backend on a local
-# Ray instance), run_all.sh for none (the study needs no test tools and no 79 MB Ray wheel).
+# $FEDTUNE_EXTRAS: run_tests.sh asks for dev,ray,flower (the tests run the Ray backend on a
+# local Ray instance and a Flower federation on localhost), run_all.sh for none (the study
+# needs no test tools, no Ray wheel and no Flower).
 # Re-installs only when pyproject.toml changed since the last install or an extra is missing.
 # Sourced by run_tests.sh and run_all.sh so both set up the same environment.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.fedtune-installed"
-extras="${FEDTUNE_EXTRAS-dev,ray}"
+extras="${FEDTUNE_EXTRAS-dev,ray,flower}"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
     echo "fedtune: creating $venv" >&2

@@ -1,0 +1,109 @@
+"""The Flower engine gives the built-in loop's numbers; how the engine enters a run's identity.
+
+The equality tests run Flower's simulation engine (Ray actors on this machine), so they need
+the ``flower`` extra; the identity and bad-input tests do not.
+"""
+
+import pytest
+
+from fedtune_core import fl, results, store
+from fedtune_core.config import RunConfig
+from fedtune_core.errors import ConfigError
+
+
+def test_a_builtin_configs_identity_is_what_it_was_before_engines():
+    # hashes computed with the commit before `engine` existed (53e7e20)
+    assert RunConfig().hash == "ece6087e906bdca4"
+    assert RunConfig(method="lora", mode="local").hash == "6354108802598b93"
+    assert "engine" not in RunConfig().to_dict()
+    assert RunConfig(engine="builtin").hash == RunConfig().hash
+
+
+def test_a_flower_run_is_a_run_of_its_own(tiny_config):
+    cfg = tiny_config()
+    flower = cfg.replace(engine="flower")
+    assert flower.hash != cfg.hash
+    assert flower.to_dict()["engine"] == "flower"
+    assert RunConfig.from_dict(flower.to_dict()).hash == flower.hash
+
+
+def test_a_record_without_engine_is_valid_and_builtin(tiny_config, tmp_path):
+    cfg = tiny_config()
+    record = results.failed_record(cfg, "killed")
+    assert "engine" not in record["config"] and record["engine"] == "builtin"
+    path = tmp_path / f"{cfg.hash}.json"
+    assert store.problem(record, path) is None
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"engine": "flwr"}, ["'flwr'", "builtin", "flower"]),
+    ({"engine": "flower", "mode": "local"}, ["'local'", "builtin"]),
+])
+def test_bad_engine_is_refused_naming_it(tiny_config, changes, words):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**changes)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_builtin_loop_refuses_another_engines_config(tiny_config):
+    with pytest.raises(ValueError, match="flower_app"):
+        fl.execute(tiny_config(engine="flower"))
+
+
+def test_cli_refuses_a_bad_engine_writing_nothing(run_cli, tmp_results):
+    code, out, err = run_cli(["run", "--engine", "ray", "--results", tmp_results])
+    assert code == 2 and "engine 'ray'" in err and "flower" in err
+    assert not any(tmp_results.iterdir())
+
+
+def _flower():
+    pytest.importorskip("flwr", reason="the Flower engine needs the extra: "
+                                       "pip install -e '.[flower]'")
+    from fedtune_core import flower_app
+
+    return flower_app
+
+
+@pytest.mark.parametrize("model", ["vit-tiny", "clip-tiny"])
+@pytest.mark.parametrize("method", ["bias", "lora", "full"])
+def test_flower_simulation_equals_the_builtin_loop(tiny_config, model, method):
+    flower_app = _flower()
+    cfg = tiny_config(model=model, method=method, clients=3, sample=2, rounds=2)
+    builtin, flower = fl.execute(cfg), flower_app.execute(cfg.replace(engine="flower"))
+    assert len(flower.rows) == len(builtin.rows) == cfg.rounds + 1
+    for got, want in zip(flower.rows, builtin.rows, strict=True):
+        for key in ("test_acc", "test_loss", "train_loss"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["round"], key)
+        assert (got["bytes_up"], got["bytes_down"]) == (want["bytes_up"], want["bytes_down"])
+    assert flower.final["samples_per_client"] == builtin.final["samples_per_client"]
+    for key in ("local_test_acc", "train_acc", "bytes_up", "bytes_down"):
+        assert flower.final[key] == pytest.approx(builtin.final[key], abs=1e-6), key
+    assert (flower.trainable, flower.state_bytes) == (builtin.trainable, builtin.state_bytes)
+
+
+def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_results, tiny_config):
+    _flower()
+    code, out, err = run_cli(["run", "--engine", "flower", "--weights", "none", "--partition",
+                              "iid", "--clients", 2, "--sample", 1, "--rounds", 1,
+                              "--batch-size", 64, "--method", "head", "--results", tmp_results,
+                              "--quiet"])
+    assert code == 0, err
+    cfg = tiny_config(method="head", sample=1, rounds=1, engine="flower")
+    record = results.cached(tmp_results, cfg)
+    assert record and record["engine"] == "flower" and record["config"]["engine"] == "flower"
+    builtin = fl.execute(cfg.replace(engine="builtin"))
+    assert [r["test_acc"] for r in record["rounds"]] == pytest.approx(
+        [r["test_acc"] for r in builtin.rows], abs=1e-6)
+
+
+def test_a_profile_runs_its_fedavg_runs_on_the_engine_it_sets(tmp_path):
+    from fedtune_core.profile import load_profile
+
+    path = tmp_path / "flowered.toml"
+    path.write_text('seeds = [0]\n[base]\nengine = "flower"\ndataset = "digits"\n'
+                    'weights = "none"\nclients = 2\nsample = 2\nrounds = 1\n'
+                    '[lr]\nbias = 1e-3\n'
+                    '[[fl_vs_local]]\nmodel = "vit-tiny"\nmethod = "bias"\n'
+                    'mode = ["fl", "local", "central"]\n')
+    engines = {cfg.mode: cfg.engine for cfg in load_profile(path).runs()}
+    assert engines == {"fl": "flower", "local": "builtin", "central": "builtin"}
