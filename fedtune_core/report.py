@@ -22,6 +22,7 @@ from fedtune_core.lr_report import lr_sweeps as lr_sweeps
 from fedtune_core.profile import Profile
 
 NOT_MEASURABLE_HERE = "not measurable in this profile"
+EFFECT = "effect"  # the findings' column: per setting, mean [95% interval], seeds, resolution
 # A verdict's mark: (symbol, CSS class); shown with the verdict's words, so never by colour alone.
 VERDICT_MARKS: dict[str, tuple[str, str]] = {
     verdicts.SUPPORTED: ("✔", "supported"),
@@ -57,6 +58,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     ok = [r for r in records if r.get("status") == "ok"]
     runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
     names = {r["config"]["weights"]: _checkpoint(r) for r in ok}
+    scores = {r["config"]["weights"]: (r.get("weights") or {}).get("probe_val_acc") for r in ok}
     order = list(dict.fromkeys(n for n, _ in sorted(set(names.values()),
                                                     key=lambda t: (t[1], t[0]))))
     for frame in (runs, rounds):
@@ -64,6 +66,8 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         frame["checkpoint"] = pd.Categorical(frame["weights"].map(lambda w: names[w][0]),
                                              categories=order)
+        frame["checkpoint_steps"] = frame["weights"].map(lambda w: names[w][1])
+        frame["checkpoint_val"] = frame["weights"].map(scores).astype(float)
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
         frame["setting"] = frame["model"] + " / " + frame["variant"]
@@ -209,19 +213,35 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
     rows = []
     for key, claim, experiment, test, report_name in verdicts.FINDINGS:
         runs, rounds = frames(records_by_experiment.get(experiment, []))
-        verdict, evidence = (test(runs, rounds) if not runs.empty
-                             else (verdicts.NOT_MEASURABLE, "no finished runs"))
+        verdict, evidence, effect = (test(runs, rounds) if not runs.empty
+                                     else (verdicts.NOT_MEASURABLE, "no finished runs", ""))
         if not profile.pretrained and verdict != verdicts.NOT_MEASURABLE:
             evidence = f"pipeline check only, untrained models: {evidence}"
-            verdict = verdicts.NOT_MEASURABLE
+            verdict, effect = verdicts.NOT_MEASURABLE, ""
         if verdict == verdicts.NOT_MEASURABLE:
             verdict = NOT_MEASURABLE_HERE
         bad = sum(r.get("status") != "ok" for r in records_by_experiment.get(experiment, []))
         if bad:
             evidence = f"{evidence} ({bad} failed run(s) left out, see the report)"
-        rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
+        rows.append({"finding": key, "claim": claim, "verdict": verdict,
+                     EFFECT: effect.replace("; ", "\n") or "-", "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)
+
+
+def strong_choices(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each model's strong checkpoint as a reader names it, and the validation score that
+    chose it (:func:`fedtune_core.verdicts.strong_choice`)."""
+    table = verdicts.strong_choice(runs)
+    if table.empty:
+        return table
+    names = runs.drop_duplicates("weights").set_index("weights")[_label_column(runs)]
+    table.insert(1, "strong checkpoint", table.pop("weights").map(names).astype(str))
+    return table
+
+
+def _label_column(runs: pd.DataFrame) -> str:
+    return "checkpoint" if "checkpoint" in runs else "weights"
 
 
 def mark(verdict: str) -> tuple[str, str]:
@@ -231,10 +251,13 @@ def mark(verdict: str) -> tuple[str, str]:
 
 def findings_markdown(table: pd.DataFrame) -> str:
     """The findings table as Markdown: a mark per verdict, a link per report."""
-    lines = ["| finding | claim | verdict | evidence | report |", "|---|---|---|---|---|"]
-    for r in table.itertuples():
-        lines.append(f"| {r.finding} | {r.claim} | **{mark(r.verdict)[0]} {r.verdict}** | "
-                     f"{r.evidence} | [{r.report}]({r.report}.html) |")
+    lines = ["| finding | claim | verdict | effect [95% interval], seeds | evidence | report |",
+             "|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        effect = str(r.get(EFFECT, "-")).replace("\n", "<br>")
+        lines.append(f"| {r['finding']} | {r['claim']} | **{mark(r['verdict'])[0]} "
+                     f"{r['verdict']}** | {effect} | {r['evidence']} | "
+                     f"[{r['report']}]({r['report']}.html) |")
     return "\n".join(lines)
 
 
@@ -277,6 +300,8 @@ def _cells(row: dict) -> list[tuple[str, Markup]]:
             symbol, css = mark(value)
             cell = Markup('<span class="verdict v-{}"><span class="mark" aria-hidden="true">{}'
                           '</span>{}</span>').format(css, symbol, value)
+        elif column == EFFECT:
+            cell = Markup("<br>").join(str(value).splitlines())  # each line escaped
         elif column == "report":
             cell = Markup('<a href="reports/{0}.html">{1}</a>').format(
                 value, NOTEBOOKS.get(value, value))
