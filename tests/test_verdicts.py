@@ -119,7 +119,7 @@ def test_no_choice_moves_when_the_test_labels_are_permuted():
     before = verdicts.strong_choice(report.frames(recs)[0])
     assert list(before["weights"]) == ["strong"]  # the test metrics would say "weak"
     rng = np.random.default_rng(0)
-    for trial in range(5):
+    for _ in range(5):
         accs = rng.permutation([r["final"]["test_acc"] for r in recs])
         shuffled = copy.deepcopy(recs)
         for rec, acc in zip(shuffled, accs, strict=True):
