@@ -168,8 +168,16 @@ def _read(folder, index: int) -> torch.Tensor:
                           "image") from None
 
 
+def _fashion(root: Path) -> Dataset:
+    from fedtune_core import fashion
+
+    parts, names = fashion.load(root)
+    return Dataset("fashion-mnist", _to_split(*parts["train"]), _to_split(*parts["test"]), names)
+
+
 _LOADERS = {
     "digits": _digits,
+    "fashion-mnist": _fashion,
     "cifar10": lambda root: _cifar("cifar10", root),
     "cifar100": lambda root: _cifar("cifar100", root),
     "synthetic": _synthetic,
