@@ -7,6 +7,7 @@ Records are built by hand (config, final metrics, per-round curve) and go throug
 from __future__ import annotations
 
 import copy
+import html
 import itertools
 
 import numpy as np
@@ -267,3 +268,19 @@ def test_the_train_test_gap_has_one_definition():
     _, evidence, _ = verdicts.fl_beats_local(runs, None)
     assert f"local {verdicts.fmt(measures.with_gap(runs)[local].groupby('seed')['gap'].mean())}" \
         in evidence
+
+
+def test_index_shows_effect_interval_and_seeds_per_verdict(tmp_path):
+    recs = (_methods("clip-tiny", {"bias": 0.95, "full": 0.90, "head": 0.8})
+            + _methods("vit-tiny", {"bias": 0.85, "full": 0.90, "head": 0.8}, flip=True))
+    profile = report.Profile("hand", "", True, SEEDS, {}, {}, {}, {})
+    table = report.findings(profile, {"tuning_methods": recs, "clip_vs_vit": recs})
+    page = report.write_index(tmp_path, profile, table).read_text()
+    f2a = verdicts.clip_beats_vit(*report.frames(recs))
+    p = stats.paired(*(report.frames(recs)[0].query(f"model == '{m}'").groupby("seed")
+                       ["final_test_acc"].mean() for m in ("clip-tiny", "vit-tiny")))
+    assert f2a.effect == f"clip-tiny − vit-tiny: {p.text()}"
+    assert f2a.effect in page and "3 seeds, resolves ±" in p.text()
+    lines = table.set_index("finding").loc["F1", "effect"].splitlines()
+    assert len(lines) == 2  # one line per model, each shown on its own line in the page
+    assert "<br>".join(html.escape(x) for x in lines) in page
