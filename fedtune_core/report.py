@@ -20,6 +20,7 @@ from fedtune_core.lr_report import lr_choices as lr_choices  # re-exported for t
 from fedtune_core.lr_report import lr_cost as lr_cost
 from fedtune_core.lr_report import lr_sweeps as lr_sweeps
 from fedtune_core.profile import Profile
+from fedtune_core.strong import strong_choices as strong_choices  # for the notebooks
 
 NOT_MEASURABLE_HERE = "not measurable in this profile"
 EFFECT = "effect"  # the findings' column: per setting, mean [95% interval], seeds, resolution
@@ -227,21 +228,6 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
                      EFFECT: effect.replace("; ", "\n") or "-", "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)
-
-
-def strong_choices(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each model's strong checkpoint as a reader names it, and the validation score that
-    chose it (:func:`fedtune_core.verdicts.strong_choice`)."""
-    table = verdicts.strong_choice(runs)
-    if table.empty:
-        return table
-    names = runs.drop_duplicates("weights").set_index("weights")[_label_column(runs)]
-    table.insert(1, "strong checkpoint", table.pop("weights").map(names).astype(str))
-    return table
-
-
-def _label_column(runs: pd.DataFrame) -> str:
-    return "checkpoint" if "checkpoint" in runs else "weights"
 
 
 def mark(verdict: str) -> tuple[str, str]:

@@ -20,7 +20,6 @@ No test metric enters that choice (:func:`strong_choice` shows it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -30,6 +29,8 @@ import pandas as pd
 from fedtune_core import measures
 from fedtune_core.measures import TARGET_FRACTION
 from fedtune_core.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Paired, paired
+from fedtune_core.strong import strong_choice as strong_choice  # re-exported
+from fedtune_core.strong import strong_only as strong_only
 
 NOT_MEASURABLE = "not measurable"
 LIGHT_EXCLUDES = ("full",)  # F4: every other method counts as lightweight
@@ -92,48 +93,6 @@ def all_parts(verdicts: Sequence[str]) -> str:
     if NOT_SUPPORTED in verdicts:
         return NOT_SUPPORTED
     return SUPPORTED if verdicts and all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE
-
-
-def strong_choice(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the strong checkpoint and what chose it (validation only).
-
-    Ranked by ``checkpoint_val`` (the probe's cross-validated accuracy, from each record's
-    ``weights`` entry: :func:`fedtune_core.report.frames`), then by pre-training steps,
-    then by name; random init has no probe score and ranks by steps (0) only.
-    """
-    rows = []
-    if runs.empty or "weights" not in runs:
-        return pd.DataFrame(rows)
-    for model, part in runs.groupby("model", sort=False):
-        cols = [c for c in ("checkpoint_val", "checkpoint_steps") if c in part]
-        score = part.groupby("weights")[cols].first() if cols else pd.DataFrame(
-            index=sorted(set(part["weights"])))
-        key = {w: (_num(score, w, "checkpoint_val"), _num(score, w, "checkpoint_steps"), w)
-               for w in score.index}
-        best = max(sorted(key), key=lambda w: key[w][:2])
-        val = key[best][0]
-        rows.append({"model": model, "weights": best,
-                     "chosen by": ("probe cross-validated accuracy (training pool)"
-                                   if val > -math.inf else "pre-training steps (no probe score)"
-                                   if key[best][1] > -math.inf else "only / first checkpoint"),
-                     "validation score": val if val > -math.inf else float("nan"),
-                     "checkpoints": len(key)})
-    return pd.DataFrame(rows)
-
-
-def _num(frame: pd.DataFrame, row: str, col: str) -> float:
-    value = frame.at[row, col] if col in frame else None
-    return float(value) if value is not None and pd.notna(value) else -math.inf
-
-
-def strong_only(runs: pd.DataFrame) -> pd.DataFrame:
-    """Keep each model's strong checkpoint (:func:`strong_choice`, validation only)."""
-    if runs.empty or "weights" not in runs:
-        return runs
-    chosen = strong_choice(runs)
-    keep = runs.set_index(["model", "weights"]).index.isin(
-        list(zip(chosen["model"], chosen["weights"], strict=True)))
-    return runs[keep]
 
 
 def _label(runs: pd.DataFrame) -> str:
