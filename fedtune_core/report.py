@@ -5,6 +5,7 @@ Everything here reads run records only (the config inside each record), never fi
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -59,7 +60,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     ok = [r for r in records if r.get("status") == "ok"]
     runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
     names = {r["config"]["weights"]: _checkpoint(r) for r in ok}
-    scores = {r["config"]["weights"]: (r.get("weights") or {}).get("probe_val_acc") for r in ok}
+    scores = {(r["config"]["model"], r["config"]["weights"]): _val_score(r) for r in ok}
     order = list(dict.fromkeys(n for n, _ in sorted(set(names.values()),
                                                     key=lambda t: (t[1], t[0]))))
     for frame in (runs, rounds):
@@ -68,7 +69,9 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
         frame["checkpoint"] = pd.Categorical(frame["weights"].map(lambda w: names[w][0]),
                                              categories=order)
         frame["checkpoint_steps"] = frame["weights"].map(lambda w: names[w][1])
-        frame["checkpoint_val"] = frame["weights"].map(scores).astype(float)
+        frame["checkpoint_val"] = pd.Series(
+            [scores.get(k) for k in zip(frame["model"], frame["weights"], strict=True)],
+            index=frame.index, dtype=float)
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
         frame["setting"] = frame["model"] + " / " + frame["variant"]
@@ -76,6 +79,19 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not runs.empty:
         runs["communication"] = runs["final_bytes_up"] + runs["final_bytes_down"]
     return runs, rounds
+
+
+def _val_score(record: dict) -> float | None:
+    """The probe's cross-validated accuracy of a record's checkpoint: from its ``weights``
+    entry, else (records written before the entry held it) from the checkpoint's sidecar."""
+    w = record.get("weights") or {}
+    if w.get("probe_val_acc") is not None or w.get("kind") != "recipe" or not w.get("path"):
+        return w.get("probe_val_acc")
+    try:
+        meta = json.loads(Path(w["path"]).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("probe_val_acc") if meta.get("hash") == w.get("hash") else None
 
 
 def _checkpoint(record: dict) -> tuple[str, float]:
