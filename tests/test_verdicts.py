@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import html
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -284,3 +285,17 @@ def test_index_shows_effect_interval_and_seeds_per_verdict(tmp_path):
     lines = table.set_index("finding").loc["F1", "effect"].splitlines()
     assert len(lines) == 2  # one line per model, each shown on its own line in the page
     assert "<br>".join(html.escape(x) for x in lines) in page
+
+
+def test_each_model_has_its_own_strong_checkpoint_and_old_records_read_the_sidecar(tmp_path):
+    recs = [r for m in ("clip-tiny", "vit-tiny") for w in ("strong", "weak")
+            for r in seeded(m, "bias", 0.8, weights=w)]
+    sidecar = tmp_path / "clip-weak.json"  # a record without the score: its checkpoint's
+    sidecar.write_text(json.dumps({"hash": "abc", "probe_val_acc": 0.99}))
+    for rec in recs:
+        if rec["config"]["model"] == "clip-tiny" and rec["config"]["weights"] == "weak":
+            rec["weights"] |= {"probe_val_acc": None, "hash": "abc",
+                               "path": str(tmp_path / "clip-weak.pt")}
+    chosen = verdicts.strong_choice(report.frames(recs)[0]).set_index("model")
+    assert chosen.loc["clip-tiny", "weights"] == "weak"  # 0.99 from the sidecar
+    assert chosen.loc["vit-tiny", "weights"] == "strong"  # 0.9 against 0.6
