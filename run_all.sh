@@ -15,7 +15,8 @@ usage() {
 usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--retry-failed] [--jobs N]
                     [--device DEV] [--backend pool|ray] [--address ADDR]
                     [--results-root DIR] [--data-dir DIR]
-  --profile       demo (default, offline), paper (GPU, weights and CIFAR), smoke, or a .toml file
+  --profile       demo (default, offline), demo-fashion, paper (GPU, weights and CIFAR), smoke,
+                  or a .toml file
   --force         recompute every run even if a finished record exists
   --retry-failed  run diverged runs again too (runs that failed otherwise always are)
   --jobs          pool: runs in parallel processes (default: one per GPU, or one per core

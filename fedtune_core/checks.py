@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedtune_core.errors import ConfigError, shown
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
 # what torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # without train/ and test/, a stratified 20% of each class becomes the test set: with 5 or

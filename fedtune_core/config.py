@@ -75,7 +75,7 @@ class RunConfig:
     quick_gelu: bool | None = None  # CLIP's activation; None: from the weights (see models.py)
     method: str = "bias"  # tuning method, see tuning.METHODS
     method_options: Mapping[str, Any] = field(default_factory=dict)  # the method's own knobs
-    dataset: str = "digits"  # digits, cifar10, cifar100, imagefolder:PATH, synthetic
+    dataset: str = "digits"  # digits, fashion-mnist, cifar10, cifar100, imagefolder:PATH, synthetic
     partition: str = "dirichlet:0.5"  # iid, dirichlet:ALPHA, shards:K, fewshot:K
     clients: int = 10  # N clients in the federation
     sample: int = 5  # K clients sampled per round

@@ -215,8 +215,16 @@ def _to_rgb8(img, path: str):
                       "read; give 8- or 16-bit grey, RGB, palette, alpha or CMYK images")
 
 
+def _fashion(root: Path) -> Dataset:
+    from fedtune_core import fashion
+
+    parts, names = fashion.load(root)
+    return Dataset("fashion-mnist", _to_split(*parts["train"]), _to_split(*parts["test"]), names)
+
+
 _LOADERS = {
     "digits": _digits,
+    "fashion-mnist": _fashion,
     "cifar10": lambda root: _cifar("cifar10", root),
     "cifar100": lambda root: _cifar("cifar100", root),
     "synthetic": _synthetic,

@@ -46,11 +46,12 @@ def plan(profile: Profile, results: str | os.PathLike,
         hit = sum(res.kept(results, c, retry_failed=retry_failed) is not None for c in cfgs)
         return len(cfgs) + pending, hit, pending
 
-    out = {"lr sweeps": count(profile.sweeps())}
+    out = {"lr sweeps": count(selection.sweeps(profile.groups(), results))}
     for name in profile.experiments:
         out[name] = count(profile.runs(name, chosen), len(profile.pending(name, chosen)))
     pending = len({c.hash for c in profile.pending(None, chosen)})
-    out["all (unique)"] = count(profile.sweeps() + profile.runs(None, chosen), pending)
+    out["all (unique)"] = count(selection.sweeps(profile.groups(), results)
+                                + profile.runs(None, chosen), pending)
     return out
 
 
@@ -93,11 +94,21 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     store.clean_stale(Path(results, "runs"))
     options = dict(device=device, data_root=data_root, force=force,
                    retry_failed=retry_failed, progress=progress, backend=backend, where=where)
-    if sweeps := profile.sweeps(experiment):
-        _ensure_runs(sweeps, results, f"{profile.name}/lr sweeps", **options)
+    _ensure_sweeps(profile, results, experiment, options)
     cfgs = profile.runs(experiment, rates(profile, results, experiment))
     _ensure_runs(cfgs, results, f"{profile.name}/{experiment or 'all'}", **options)
     return collect(profile, results, experiment)
+
+
+def _ensure_sweeps(profile: Profile, results: str | os.PathLike, experiment: str | None,
+                   options: dict) -> None:
+    """The learning-rate sweeps, then each extension past an edge winner that they call
+    for (:func:`fedtune_core.selection.extend`), until no group needs another."""
+    groups, done = profile.groups(experiment), 0
+    label = f"{profile.name}/lr sweeps"
+    while len(sweeps := selection.sweeps(groups, results)) > done:
+        _ensure_runs(sweeps, results, label, **options)
+        done, label = len(sweeps), f"{profile.name}/lr sweeps, extended past an edge"
 
 
 def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from fedtune_core import measures
+
 sns.set_theme(style="whitegrid", context="notebook")
 DPI = 150  # of the saved PNGs; notebooks show them at 100 pixels per inch
 
@@ -210,13 +212,9 @@ def _front(table: pd.DataFrame, x: str) -> pd.DataFrame:
 
 def rounds_to_target(rounds: pd.DataFrame, target: float,
                      by: tuple[str, ...] = ("model", "variant")) -> pd.DataFrame:
-    """First round each run reaches ``target`` test accuracy (NaN: never), mean over seeds."""
-    hits = rounds[rounds["test_acc"] >= target].groupby([*by, "seed"])["round"].min()
-    runs = rounds[[*by, "seed"]].drop_duplicates().set_index([*by, "seed"])
-    runs["rounds_to_target"] = hits
-    table = runs.reset_index().groupby(list(by), sort=False)["rounds_to_target"]
-    out = table.agg(mean="mean", reached=lambda s: int(s.notna().sum()), seeds="size")
-    return out.reset_index()
+    """Rounds to ``target`` per group, mean over seeds: :func:`measures.rounds_to_target_table`
+    (never reached counts as the last round + 1, as in the F4 verdict)."""
+    return measures.rounds_to_target_table(rounds, target, by)
 
 
 def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,

@@ -172,7 +172,7 @@ def describe(model: str, weights: str) -> dict[str, Any]:
     if not meta:
         return {}
     keys = ("recipe", "hash", "steps", "image_passes", "pretrain_acc", "probe_acc",
-            "zeroshot_acc", "path")
+            "probe_val_acc", "zeroshot_acc", "zeroshot_val_acc", "path")
     return {k: meta.get(k) for k in keys}
 
 

@@ -5,6 +5,7 @@ Everything here reads run records only (the config inside each record), never fi
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -20,8 +21,10 @@ from fedtune_core.lr_report import lr_choices as lr_choices  # re-exported for t
 from fedtune_core.lr_report import lr_cost as lr_cost
 from fedtune_core.lr_report import lr_sweeps as lr_sweeps
 from fedtune_core.profile import Profile
+from fedtune_core.strong import strong_choices as strong_choices  # for the notebooks
 
 NOT_MEASURABLE_HERE = "not measurable in this profile"
+EFFECT = "effect"  # the findings' column: per setting, mean [95% interval], seeds, resolution
 # A verdict's mark: (symbol, CSS class); shown with the verdict's words, so never by colour alone.
 VERDICT_MARKS: dict[str, tuple[str, str]] = {
     verdicts.SUPPORTED: ("✔", "supported"),
@@ -57,6 +60,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     ok = [r for r in records if r.get("status") == "ok"]
     runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
     names = {r["config"]["weights"]: _checkpoint(r) for r in ok}
+    scores = {(r["config"]["model"], r["config"]["weights"]): _val_score(r) for r in ok}
     order = list(dict.fromkeys(n for n, _ in sorted(set(names.values()),
                                                     key=lambda t: (t[1], t[0]))))
     for frame in (runs, rounds):
@@ -64,6 +68,10 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         frame["checkpoint"] = pd.Categorical(frame["weights"].map(lambda w: names[w][0]),
                                              categories=order)
+        frame["checkpoint_steps"] = frame["weights"].map(lambda w: names[w][1])
+        frame["checkpoint_val"] = pd.Series(
+            [scores.get(k) for k in zip(frame["model"], frame["weights"], strict=True)],
+            index=frame.index, dtype=float)
         frame["family"] = frame["model"].map(family)
         frame["shots"] = frame["partition"].map(_shots)
         frame["setting"] = frame["model"] + " / " + frame["variant"]
@@ -71,6 +79,19 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not runs.empty:
         runs["communication"] = runs["final_bytes_up"] + runs["final_bytes_down"]
     return runs, rounds
+
+
+def _val_score(record: dict) -> float | None:
+    """The probe's cross-validated accuracy of a record's checkpoint: from its ``weights``
+    entry, else (records written before the entry held it) from the checkpoint's sidecar."""
+    w = record.get("weights") or {}
+    if w.get("probe_val_acc") is not None or w.get("kind") != "recipe" or not w.get("path"):
+        return w.get("probe_val_acc")
+    try:
+        meta = json.loads(Path(w["path"]).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("probe_val_acc") if meta.get("hash") == w.get("hash") else None
 
 
 def _checkpoint(record: dict) -> tuple[str, float]:
@@ -233,11 +254,11 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
     rows = []
     for key, claim, experiment, test, report_name in verdicts.FINDINGS:
         runs, rounds = frames(records_by_experiment.get(experiment, []))
-        verdict, evidence = (test(runs, rounds) if not runs.empty
-                             else (verdicts.NOT_MEASURABLE, "no finished runs"))
+        verdict, evidence, effect = (test(runs, rounds) if not runs.empty
+                                     else (verdicts.NOT_MEASURABLE, "no finished runs", ""))
         if not profile.pretrained and verdict != verdicts.NOT_MEASURABLE:
             evidence = f"pipeline check only, untrained models: {evidence}"
-            verdict = verdicts.NOT_MEASURABLE
+            verdict, effect = verdicts.NOT_MEASURABLE, ""
         if verdict == verdicts.NOT_MEASURABLE:
             verdict = NOT_MEASURABLE_HERE
         bad = sum(r.get("status") != "ok" for r in records_by_experiment.get(experiment, []))
@@ -245,7 +266,8 @@ def findings(profile: Profile, records_by_experiment: dict[str, Sequence[dict]])
             evidence = f"{evidence} ({bad} failed run(s) left out, see the report)"
         if missing := len(getattr(records_by_experiment.get(experiment), "absent", ())):
             evidence = f"{evidence} (incomplete: {missing} planned run(s) absent)"
-        rows.append({"finding": key, "claim": claim, "verdict": verdict, "evidence": evidence,
+        rows.append({"finding": key, "claim": claim, "verdict": verdict,
+                     EFFECT: effect.replace("; ", "\n") or "-", "evidence": evidence,
                      "report": report_name})
     return pd.DataFrame(rows)
 
@@ -257,10 +279,13 @@ def mark(verdict: str) -> tuple[str, str]:
 
 def findings_markdown(table: pd.DataFrame) -> str:
     """The findings table as Markdown: a mark per verdict, a link per report."""
-    lines = ["| finding | claim | verdict | evidence | report |", "|---|---|---|---|---|"]
-    for r in table.itertuples():
-        lines.append(f"| {r.finding} | {r.claim} | **{mark(r.verdict)[0]} {r.verdict}** | "
-                     f"{r.evidence} | [{r.report}]({r.report}.html) |")
+    lines = ["| finding | claim | verdict | effect [95% interval], seeds | evidence | report |",
+             "|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        effect = str(r.get(EFFECT, "-")).replace("\n", "<br>")
+        lines.append(f"| {r['finding']} | {r['claim']} | **{mark(r['verdict'])[0]} "
+                     f"{r['verdict']}** | {effect} | {r['evidence']} | "
+                     f"[{r['report']}]({r['report']}.html) |")
     return "\n".join(lines)
 
 
@@ -308,6 +333,8 @@ def _cells(row: dict) -> list[tuple[str, Markup]]:
             symbol, css = mark(value)
             cell = Markup('<span class="verdict v-{}"><span class="mark" aria-hidden="true">{}'
                           '</span>{}</span>').format(css, symbol, value)
+        elif column == EFFECT:
+            cell = Markup("<br>").join(str(value).splitlines())  # each line escaped
         elif column == "report":
             cell = Markup('<a href="reports/{0}.html">{1}</a>').format(
                 value, NOTEBOOKS.get(value, value))

@@ -11,6 +11,12 @@ hashed, recorded) in the profile's base federation setting, on one seed, with
 evaluation is on them, and no test set is ever evaluated (:mod:`fedtune_core.fl`). The
 candidate with the best final validation accuracy wins (ties: lower validation loss, then
 the smaller rate), and every run of the group, in every experiment, uses it.
+
+A winner at the edge of the candidates is a boundary, not an optimum: the group then gets
+one more candidate one step beyond that edge (the ratio of the two outermost candidates
+on that side), swept like the others, at most ``extend`` times (default 2) before the
+choice is final (:func:`extend`). Deterministic: the new rate depends only on the sweep
+records, and each extension is an ordinary cached run.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedtune_core.config import RunConfig
@@ -31,7 +37,7 @@ from fedtune_core.errors import ConfigError, check_range
 FREE = ("lr", "seed", "partition", "clients", "sample", "rounds", "local_epochs", "mode",
         "local_test_fraction", "eval_every", "val_fraction")
 FEDERATION = ("partition", "clients", "sample", "rounds", "local_epochs", "local_test_fraction")
-SETTINGS = ("val_fraction", "rounds", "seed")  # the keys of a profile's [lr_selection]
+SETTINGS = ("val_fraction", "rounds", "seed", "extend")  # keys of a profile's [lr_selection]
 
 
 @dataclass(frozen=True)
@@ -41,18 +47,22 @@ class Settings:
     val_fraction: float = 0.2  # share of each client's training split held out to validate
     rounds: int | None = None  # sweep length; None: the profile's base rounds
     seed: int | None = None  # sweep seed; None: the profile's first seed
+    extend: int = 2  # at most this many one-step extensions past an edge winner
 
     def __post_init__(self) -> None:
         if not isinstance(self.val_fraction, int | float) or isinstance(self.val_fraction, bool):
             raise ConfigError(f"lr_selection val_fraction must be a number, got "
                               f"{self.val_fraction!r}")
         check_range("lr_selection val_fraction", self.val_fraction, 0, 0.9, low_open=True)
-        for name in ("rounds", "seed"):
+        for name in ("rounds", "seed", "extend"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"lr_selection {name} must be an integer, got {value!r}")
         if self.rounds is not None:
             check_range("lr_selection rounds", self.rounds, 1)
+        if self.extend is None:
+            raise ConfigError("lr_selection extend must be an integer, got None")
+        check_range("lr_selection extend", self.extend, 0, 5)
 
 
 def candidates(method: str, value: Any) -> tuple[float, ...] | None:
@@ -96,6 +106,8 @@ class Group:
     fields: dict[str, Any]  # the group's settings (see group_fields)
     candidates: tuple[float, ...]
     sweeps: tuple[RunConfig, ...]  # one per candidate, in the same order
+    extend: int = 2  # extensions still allowed past an edge winner (Settings.extend)
+    extensions: tuple[float, ...] = ()  # the candidates added past an edge, in order
 
 
 def make_group(template: RunConfig, rates: Sequence[float], base: Mapping[str, Any],
@@ -106,7 +118,51 @@ def make_group(template: RunConfig, rates: Sequence[float], base: Mapping[str, A
     sweep = template.replace(**(federation | {"rounds": rounds}), mode="fl", eval_every=rounds,
                              seed=seed, val_fraction=settings.val_fraction)
     return Group(group_key(template), group_fields(template), tuple(rates),
-                 tuple(sweep.replace(lr=rate) for rate in rates))
+                 tuple(sweep.replace(lr=rate) for rate in rates), settings.extend)
+
+
+def beyond(candidates: Sequence[float], winner: float | None) -> float | None:
+    """The rate one step past the edge ``winner`` sits at (None: not at an edge).
+
+    The step is the ratio of the two outermost candidates on that side, rounded to six
+    significant digits so that the rate, and the run's hash, is the same everywhere.
+    """
+    if winner is None or len(candidates) < 2:
+        return None
+    low, high = candidates[0], candidates[-1]
+    if winner == high:
+        return float(f"{high * high / candidates[-2]:.6g}")
+    if winner == low:
+        return float(f"{low * low / candidates[1]:.6g}")
+    return None
+
+
+def extend(group: Group, results: str | os.PathLike) -> Group:
+    """``group`` with the candidates its finished sweeps call for past an edge winner.
+
+    While every sweep run has a record and the winner is the smallest or largest
+    candidate, one candidate one step beyond it is added (:func:`beyond`), at most
+    ``group.extend`` times. The returned group's sweeps may include runs not run yet.
+    """
+    from fedtune_core import results as res
+
+    for _ in range(group.extend):
+        records = [res.read_record(res.record_path(results, cfg)) for cfg in group.sweeps]
+        if any(r is None for r in records):
+            break
+        new = beyond(group.candidates, choose(records)[0])
+        if new is None:
+            break
+        rates = tuple(sorted((*group.candidates, new)))
+        sweeps = {c.lr: c for c in group.sweeps} | {new: group.sweeps[0].replace(lr=new)}
+        group = replace(group, candidates=rates, sweeps=tuple(sweeps[r] for r in rates),
+                        extend=group.extend - 1, extensions=(*group.extensions, new))
+    return group
+
+
+def sweeps(groups: Iterable[Group], results: str | os.PathLike) -> list[RunConfig]:
+    """Every sweep run the groups need so far, extensions included (:func:`extend`)."""
+    return [cfg for group in groups for cfg in extend(group, results).sweeps]
 
 
 @dataclass(frozen=True)
@@ -158,12 +214,14 @@ def _rank(score: dict[str, Any]) -> tuple[float, float, float]:
 def decide(groups: Iterable[Group], results: str | os.PathLike) -> dict[str, Choice]:
     """The choice of every group whose sweep runs all have a record under ``results``.
 
-    Groups with a missing sweep record are left out (their rate is pending).
+    Each group is first extended past an edge winner (:func:`extend`); groups with a
+    missing sweep record are left out (their rate is pending).
     """
     from fedtune_core import results as res
 
     out = {}
     for group in groups:
+        group = extend(group, results)
         records = [res.read_record(res.record_path(results, cfg)) for cfg in group.sweeps]
         if any(r is None for r in records):
             continue

@@ -223,7 +223,7 @@ def test_a_run_record_names_its_pretraining(quick_recipes, tiny_config, tmp_resu
     assert record["config"]["weights"] == f"glyphs-weak@{meta['hash']}"
     weights = record["weights"]
     assert weights["kind"] == "recipe" and weights["recipe"] == "glyphs-weak"
-    for key in ("hash", "steps", "pretrain_acc", "probe_acc", "path"):
+    for key in ("hash", "steps", "pretrain_acc", "probe_acc", "probe_val_acc", "path"):
         assert weights[key] == meta[key]
     # the run's model is the checkpoint: its frozen features match a direct load of the file
     direct = models.build("vit-tiny", list(data.DIGIT_NAMES), meta["path"])

@@ -1,6 +1,7 @@
 """Learning rates chosen on validation data: groups, the choice, the grid's three phases."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,7 @@ bias = { select = [1e-2, 1e-3] }
 [lr_selection]
 rounds = 1
 val_fraction = 0.25
+extend = 0  # this test is about the three phases; extensions: test_extension_*
 [variants]
 head = { method = "head" }
 bias = { method = "bias" }
@@ -129,7 +131,7 @@ def test_bad_candidate_rates_fail_at_load(tmp_path, entry, message):
 def test_unknown_lr_selection_key_fails_at_load(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(PROFILE.replace("rounds = 1\n", "rounds = 1\nepochs = 3\n"))
-    with pytest.raises(ConfigError, match="epochs.*valid keys: val_fraction, rounds, seed"):
+    with pytest.raises(ConfigError, match="epochs.*valid keys: val_fraction, rounds, seed, extend"):
         grid.load_profile(path)
 
 
@@ -161,3 +163,57 @@ def test_the_grid_sweeps_chooses_then_runs_at_the_chosen_rate(profile, tmp_resul
     path.write_text(json.dumps(loser))
     assert grid.rates(profile, tmp_results) == {group.key: loser["config"]["lr"]}
     assert grid.plan(profile, tmp_results)["tuning_methods"] == (4, 2, 0)
+
+
+def _write_sweep(folder, cfg: RunConfig, val_acc: float, test_acc: float = 0.5) -> None:
+    rec = _record(cfg.lr, val_acc, test_acc=test_acc) | {"hash": cfg.hash,
+                                                          "config": cfg.to_dict()}
+    path = results.record_path(folder, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def test_beyond_steps_past_the_edge_by_the_candidates_own_ratio():
+    assert selection.beyond((1e-3, 3e-3, 1e-2), 1e-2) == pytest.approx(1e-2 * 10 / 3)
+    assert selection.beyond((1e-3, 3e-3, 1e-2), 1e-3) == pytest.approx(1e-3 / 3)
+    assert selection.beyond((1e-3, 3e-3, 1e-2), 3e-3) is None  # interior: final
+    assert selection.beyond((1e-3,), 1e-3) is None
+
+
+def test_extension_sweeps_past_an_edge_winner_at_most_twice(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "read_record", _reader())
+    group = selection.make_group(RunConfig(model="vit-tiny", weights="none", method="bias",
+                                           lr=None), (1e-3, 1e-2), {}, selection.Settings(), 0)
+    for cfg, acc in zip(group.sweeps, (0.5, 0.6), strict=True):
+        _write_sweep(tmp_path, cfg, acc)
+    assert selection.decide([group], tmp_path) == {}  # the winner 1e-2 sits at the edge
+    first = selection.extend(group, tmp_path)
+    assert first.candidates == (1e-3, 1e-2, 0.1) and first.extensions == (0.1,)
+    _write_sweep(tmp_path, first.sweeps[-1], 0.7)  # the new edge wins again: one more step
+    second = selection.extend(group, tmp_path)
+    assert second.extensions == (0.1, 1.0)
+    _write_sweep(tmp_path, second.sweeps[-1], 0.8)  # wins again, but two steps is the limit
+    (choice,) = selection.decide([group], tmp_path).values()
+    assert choice.lr == 1.0 and choice.group.candidates == (1e-3, 1e-2, 0.1, 1.0)
+    assert len(selection.sweeps([group], tmp_path)) == 4
+    again = selection.decide([group], tmp_path)[group.key]  # deterministic, from records
+    assert again.lr == choice.lr and again.group == choice.group
+
+
+def test_an_interior_winner_is_final_and_test_metrics_never_extend(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "read_record", _reader())
+    group = selection.make_group(RunConfig(model="vit-tiny", weights="none", method="bias",
+                                           lr=None), (1e-3, 3e-3, 1e-2), {},
+                                 selection.Settings(), 0)
+    for cfg, acc, test in zip(group.sweeps, (0.5, 0.7, 0.6), (0.9, 0.1, 0.2), strict=True):
+        _write_sweep(tmp_path, cfg, acc, test)
+    (choice,) = selection.decide([group], tmp_path).values()
+    assert choice.lr == 3e-3 and choice.group.extensions == ()
+
+
+def _reader():
+    """read_record without the schema check (the hand-made sweep records are partial)."""
+    def read(path, warn=True):
+        path = Path(path)
+        return json.loads(path.read_text()) if path.exists() else None
+    return read

@@ -163,8 +163,34 @@ def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
     assert leftovers == [], "the killed grid's temp and lock files are gone"
 
 
+def _hand_made(model: str, variant: str, acc: float) -> list[dict]:
+    """Three seeds of a finished run whose numbers would carry a verdict if measured."""
+    out = []
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        cfg = {"model": model, "weights": "none", "method": variant, "method_options": {},
+               "dataset": "digits", "partition": "iid", "mode": "fl", "seed": seed,
+               "clients": 3, "rounds": 2, "lr": 0.001}
+        final = {"test_acc": acc + jitter, "train_acc": 0.9, "local_test_acc": 0.8,
+                 "bytes_up": 10 if variant != "full" else 1000, "bytes_down": 10}
+        rounds = [{"round": r, "test_acc": a} for r, a in enumerate((0.1, acc + jitter))]
+        out.append({"status": "ok", "hash": f"{model}-{variant}-{seed}", "seed": seed,
+                    "config": cfg, "final": final, "rounds": rounds,
+                    "params": {"trainable": 1, "total": 2}, "weights": {"kind": "none"}})
+    return out
+
+
 def test_untrained_profiles_never_claim_a_finding():
+    recs = [r for model, shift in (("clip-tiny", 0.1), ("vit-tiny", 0.0))
+            for v, acc in (("bias", 0.8), ("full", 0.6), ("head", 0.5))
+            for r in _hand_made(model, v, acc + shift)]
+    by_experiment = {"tuning_methods": recs, "clip_vs_vit": recs}
+    measured = report.findings(report.Profile("hand", "", True, (0, 1, 2), {}, {}, {}, {}),
+                               by_experiment)
+    assert {"supported"} <= set(measured["verdict"])  # these records do carry verdicts
     profile = grid.load_profile("smoke")
-    table = report.findings(profile, {})
+    table = report.findings(profile, by_experiment)
     assert list(table["finding"]) == ["F1", "F2a", "F2b", "F3", "F4"]
     assert set(table["verdict"]) == {"not measurable in this profile"}
+    measurable = table["finding"].isin(["F1", "F2a", "F4"])
+    assert table.loc[measurable, "evidence"].str.startswith("pipeline check only").all()
+    assert set(table["effect"]) == {"-"}  # no interval is offered as evidence either
