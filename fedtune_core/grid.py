@@ -11,10 +11,12 @@ groups it needs, the choice of each group's rate from their validation metrics
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fedtune_core import selection
@@ -83,6 +85,13 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     from fedtune_core import backends, store
     from fedtune_core.fl import set_cpu_threads
 
+    if profile.rehearsal:  # its stand-in data, and every run capped (see limits.py)
+        with _rehearsal_limits(profile):
+            return ensure(replace(profile, rehearsal=None), results, experiment,
+                          device=device, data_root=profile.rehearsal["data_dir"],
+                          force=force, retry_failed=retry_failed, jobs=jobs,
+                          progress=progress, backend=backend, address=address,
+                          gpus_per_run=gpus_per_run)
     set_cpu_threads()
     where = backends.Placement(device, data_root, jobs, address,
                                gpus_per_run or profile.gpus_per_run)
@@ -95,6 +104,23 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     cfgs = profile.runs(experiment, rates(profile, results, experiment))
     _ensure_runs(cfgs, results, f"{profile.name}/{experiment or 'all'}", **options)
     return collect(profile, results, experiment)
+
+
+@contextlib.contextmanager
+def _rehearsal_limits(profile: Profile):
+    """The rehearsal's caps in the environment, where every worker reads them."""
+    from fedtune_core import limits
+
+    caps = limits.Limits(profile.rehearsal["train_steps"], profile.rehearsal["eval_samples"])
+    before = os.environ.get(limits.ENV)
+    os.environ[limits.ENV] = caps.to_env()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(limits.ENV, None)
+        else:
+            os.environ[limits.ENV] = before
 
 
 def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,
@@ -219,6 +245,10 @@ def cmd_grid(args) -> int:
     from fedtune_core.checks import check_results_folder
 
     profile = load_profile(args.profile)
+    if args.rehearse:
+        from fedtune_core import rehearsal_report
+
+        return rehearsal_report.cmd_rehearse(args, profile)
     results = default_results(profile, args.results)
     _log_to_stdout()
     if args.dry_run:
@@ -318,6 +348,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--rehearse", action="store_true",
+                   help="every run shape once, tiny, at full size, into results/<profile>-"
+                        "rehearsal: status, s/step, peak memory, projected cost")
+    p.add_argument("--rehearse-batch", type=int, default=None,
+                   help="--rehearse: batch size (default: the profile's on a GPU, 2 on CPU)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("index", help="write <results>/index.html: findings and links")
