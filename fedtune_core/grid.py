@@ -245,10 +245,6 @@ def cmd_grid(args) -> int:
     from fedtune_core.checks import check_results_folder
 
     profile = load_profile(args.profile)
-    if args.rehearse:
-        from fedtune_core import rehearsal_report
-
-        return rehearsal_report.cmd_rehearse(args, profile)
     results = default_results(profile, args.results)
     _log_to_stdout()
     if args.dry_run:

@@ -17,6 +17,7 @@ table and the projected cost of the whole profile.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def prepare(profile: Profile, folder: str | os.PathLike, data_root: str | None,
               "$FEDTUNE_WEIGHTS_DIR): their runs start from random init", flush=True)
     datasets = {c.dataset for c in _configs(profile)}
     for name in sorted(datasets & {"cifar10", "cifar100"}):
-        write_stand_in(name, folder / "data", data.data_dir(data_root), _fewshot_k(profile))
+        write_stand_in(name, folder / "data", data.data_dir(data_root),
+                       _fewshot_k(profile, name), batch_size)
     path = folder / f"{folder.name}.toml"
     from fedtune_core.results import write_text
 
@@ -158,10 +160,12 @@ def _configs(profile: Profile) -> list[RunConfig]:
     return [p.cfg for p in profile.planned()]
 
 
-def _fewshot_k(profile: Profile) -> int:
-    """K of the rehearsal's fewshot partition (0: it has none)."""
+def _fewshot_k(profile: Profile, dataset: str) -> int:
+    """K of the rehearsal's fewshot partition where ``dataset`` has one (else 0)."""
     value = _partition_values(profile).get("fewshot")
-    return int(partition.parse(value).value) if value else 0
+    used = any(c.dataset == dataset and partition.parse(c.partition).kind == "fewshot"
+               for c in _configs(profile))
+    return int(partition.parse(value).value) if value and used else 0
 
 
 def weights_available(model: str, weights: str) -> bool:
@@ -178,12 +182,17 @@ def weights_available(model: str, weights: str) -> bool:
     return True
 
 
-def write_stand_in(dataset: str, root: Path, real_root: Path, fewshot_k: int) -> Path:
+def write_stand_in(dataset: str, root: Path, real_root: Path, fewshot_k: int,
+                   batch_size: int) -> Path:
     """The dataset's stand-in under ``root``: a few of the real images where the real files
-    are under ``real_root``, else generated ones; enough for every rehearsal partition."""
+    are under ``real_root``, else generated ones. Enough for every rehearsal partition, and
+    for full batches in every client's training steps (twice over: label skew is uneven),
+    after its local test and validation shares (0.2 each in the paper)."""
     from fedtune_core import data, standin
 
-    per_class = max(CLIENTS * max(fewshot_k, 1), 2)
+    pool = math.ceil(2 * CLIENTS * TRAIN_STEPS * batch_size / 0.64)
+    per_class = max(CLIENTS * max(fewshot_k, 1), 2,
+                    math.ceil(pool / len(standin.names(dataset))))
     folder = standin.LAYOUT[dataset][0]
     if (real_root / folder).is_dir():
         real = data.load(dataset, real_root)  # the real loader on the real files

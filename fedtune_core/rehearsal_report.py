@@ -50,7 +50,8 @@ def rows(profile: Profile, folder: str | Path, experiment: str | None = None) ->
     """Every shape of the rehearsal ``profile`` (of ``experiment``, or all) and its outcome."""
     chosen = grid.rates(profile, folder, experiment)
     out = []
-    for cfg in profile.sweeps(experiment) + profile.runs(experiment, chosen):
+    cfgs = profile.sweeps(experiment) + profile.runs(experiment, chosen)
+    for cfg in {c.hash: c for c in cfgs}.values():  # a shape may run with several weights
         rec = res.read_record(res.record_path(folder, cfg))
         if rec is None:
             out.append(Row(shape(cfg), "not run", "no record"))
@@ -63,7 +64,7 @@ def rows(profile: Profile, folder: str | Path, experiment: str | None = None) ->
     for cfg in profile.pending(experiment, chosen):
         out.append(Row(shape(cfg), "not run", "no learning rate: every sweep run of its "
                                               "group failed"))
-    return list({r.key: r for r in out}.values())
+    return out
 
 
 def shape_table(table: list[Row], device: str) -> str:
