@@ -14,7 +14,7 @@ usage() {
     cat <<'USAGE'
 usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--retry-failed] [--jobs N]
                     [--device DEV] [--backend pool|ray] [--address ADDR]
-                    [--results-root DIR] [--data-dir DIR]
+                    [--results-root DIR] [--data-dir DIR] [--rehearse]
   --profile       demo (default, offline), demo-fashion, paper (GPU, weights and CIFAR), smoke,
                   or a .toml file
   --force         recompute every run even if a finished record exists
@@ -26,6 +26,9 @@ usage: ./run_all.sh [--profile NAME|FILE.toml] [--force] [--retry-failed] [--job
   --device        auto (default), cpu, cuda, cuda:1 ...
   --results-root  folder holding results/<profile>/ (default: ./results)
   --data-dir      dataset folder (default: $FEDTUNE_DATA_DIR or ./data)
+  --rehearse      every run shape of the profile once, tiny, at full size, then every
+                  notebook on those records, into results/<profile>-rehearsal/ only
+                  (run it before spending GPU-hours; see README.md)
 Weights offline: --weights is per run; for the grid set FEDTUNE_WEIGHTS_DIR to a folder of
 <model>.pt files (e.g. clip-vit-b32.pt, vit-b16.pt), see README.md.
 USAGE
@@ -33,7 +36,7 @@ USAGE
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 profile=demo rerun=() jobs=0 device=auto results_root="$root/results" data_dir=""
-backend=pool address=()
+backend=pool address=() rehearse=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -45,8 +48,9 @@ while [ $# -gt 0 ]; do
         --address) address=(--address "${2:?--address needs a value}"); shift 2 ;;
         --results-root) results_root="${2:?--results-root needs a value}"; shift 2 ;;
         --data-dir) data_dir="${2:?--data-dir needs a value}"; shift 2 ;;
+        --rehearse) rehearse=(--rehearse); shift ;;
         -h|--help) usage; exit 0 ;;
-        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --retry-failed, --jobs, --device, --backend, --address, --results-root, --data-dir, --help" >&2; exit 2 ;;
+        *) echo "run_all.sh: unknown option '$1'; valid options: --profile, --force, --retry-failed, --jobs, --device, --backend, --address, --results-root, --data-dir, --rehearse, --help" >&2; exit 2 ;;
     esac
 done
 case "$jobs" in ''|*[!0-9]*) echo "run_all.sh: --jobs must be a whole number, got '$jobs'" >&2; exit 2 ;; esac
@@ -64,6 +68,11 @@ try:
     print(load_profile(sys.argv[1]).name)
 except ConfigError as err:
     sys.exit(f"run_all.sh: {err}")' "$profile")" || exit 2
+nb_profile="$profile"
+if [ ${#rehearse[@]} -gt 0 ]; then  # the rehearsal profile the grid writes, read by the notebooks
+    name="$name-rehearsal"
+    nb_profile="$results_root/$name/$name.toml"
+fi
 out="$results_root/$name"
 mkdir -p "$out/logs" "$out/notebooks" "$out/reports" "$out/figures"
 log="$out/logs/run_all.log"
@@ -73,18 +82,20 @@ echo "== fedtune run_all: profile $name, results in $out ($(date -u +%FT%TZ))"
 failures=()
 # One dataset folder for the grid and the notebooks (which run from notebooks/).
 export FEDTUNE_DATA_DIR="${data_dir:-${FEDTUNE_DATA_DIR:-$root/data}}"
+nb_data="$FEDTUNE_DATA_DIR"
+[ ${#rehearse[@]} -gt 0 ] && nb_data="$out/data"  # the rehearsal's stand-ins
 
 echo "== 1/3 runs"
 "$bin/fedtune" grid --profile "$profile" --results "$out" --jobs "$jobs" --device "$device" \
-    --backend "$backend" "${address[@]}" "${rerun[@]}" || failures+=("runs (see 'failed:' lines above)")
+    --backend "$backend" "${address[@]}" "${rerun[@]}" "${rehearse[@]}" || failures+=("runs (see 'failed:' lines above)")
 
 echo "== 2/3 notebooks"
 for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
     stem="$(basename "$nb" .ipynb)"
     echo "-- $stem"
     if "$bin/papermill" "$nb" "$out/notebooks/$stem.ipynb" --cwd "$root/notebooks" \
-            -p profile "$profile" -p results_root "$results_root" -p device "$device" \
-            -p data_dir "$FEDTUNE_DATA_DIR" --progress-bar --log-level WARNING; then
+            -p profile "$nb_profile" -p results_root "$results_root" -p device "$device" \
+            -p data_dir "$nb_data" --progress-bar --log-level WARNING; then
         "$bin/jupyter" nbconvert --to html --no-input --log-level WARN \
             --output-dir "$out/reports" "$out/notebooks/$stem.ipynb" \
             || failures+=("HTML export of $stem")
@@ -94,7 +105,7 @@ for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
 done
 
 echo "== 3/3 index"
-"$bin/fedtune" index --profile "$profile" --results "$out" || failures+=("index.html")
+"$bin/fedtune" index --profile "$nb_profile" --results "$out" || failures+=("index.html")
 
 if [ ${#failures[@]} -gt 0 ]; then
     echo "== done with failures:"

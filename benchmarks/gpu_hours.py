@@ -12,7 +12,9 @@ training an image costs 3 forwards with full fine-tuning and 2 with the lightwei
 (gradients still flow back through every block, weight gradients of frozen layers are
 skipped); head-only runs the encoder once over the training pool and the test set (cached
 features) and the head costs nothing; every backbone reaches the anchor's FLOP rate. It is
-an estimate, not a measurement: nothing of the paper profile has run on a GPU yet.
+an estimate, not a measurement: nothing of the paper profile has run on a GPU yet. The
+counting lives in :mod:`fedtune_core.cost`; ``fedtune grid --rehearse`` multiplies the same
+counts by measured seconds.
 """
 
 from __future__ import annotations
@@ -20,54 +22,8 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-import numpy as np
-
-from fedtune_core import partition
-from fedtune_core.config import RunConfig
+from fedtune_core.cost import ANCHOR_IMG_S, FWD_GFLOPS, gpu_hours, images
 from fedtune_core.grid import load_profile
-
-FWD_GFLOPS = {"vit-b16": 35.2, "clip-vit-b32": 8.8, "vit-b32": 8.7}  # per 224 image forward
-SIZES = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100)}  # train, test, K
-ANCHOR_IMG_S = 1459.0  # ViT-B/16 training images/s on one H100
-
-
-def images(cfg: RunConfig) -> tuple[float, float]:
-    """(images trained on, images only forwarded) by one run of ``cfg``.
-
-    Every mode is compute-matched to FedAvg (local clients train in the rounds FedAvg's
-    sampler picks them; central processes FedAvg's samples per round). A validation run
-    (a learning-rate sweep) holds ``val_fraction`` of each client's training split out and
-    evaluates on those images instead of the test set.
-    """
-    n_train, n_test, classes = SIZES[cfg.dataset]
-    labels = np.repeat(np.arange(classes), n_train // classes)  # CIFAR is balanced
-    parts = partition.split_clients(labels, cfg.partition, cfg.clients, cfg.seed,
-                                    cfg.local_test_fraction, num_classes=classes)
-    train = np.array([len(t) for t in parts.train], dtype=float) * (1 - cfg.val_fraction)
-    held = sum(len(t) for t in parts.train) * cfg.val_fraction
-    evaluation = held if cfg.val_fraction else n_test
-    own = train.sum() + (held or sum(len(t) for t in parts.test))  # final per-client evals
-    evals = sum(r % cfg.eval_every == 0 or r == cfg.rounds for r in range(1, cfg.rounds + 1))
-    before = 2 * evaluation  # as built (zero-shot) and with the method's modules added
-    if cfg.method == "head":  # cached features: the encoder runs once; the head is free
-        return 0.0, float(n_train + (0 if cfg.val_fraction else n_test) + evaluation)
-    trained = cfg.rounds * cfg.local_epochs * cfg.sample * train.mean()
-    if cfg.mode == "local":  # every client's own model on the evaluation set (at most)
-        return trained, before + evals * cfg.clients * evaluation + own
-    return trained, before + evals * evaluation + own
-
-
-def gpu_hours(cfg: RunConfig, img_s: float, cached: bool = True) -> float:
-    """Estimated hours of one GPU for one run at the anchored FLOP rate.
-
-    ``cached=False``: head-only as if the frozen encoder ran on every batch of every round.
-    """
-    uncached_head = cfg.method == "head" and not cached
-    trained, forwarded = images(cfg.replace(method="bias") if uncached_head else cfg)
-    per_train = 3 if cfg.method == "full" else 1 if uncached_head else 2
-    flops = FWD_GFLOPS[cfg.model] * (per_train * trained + forwarded)  # GFLOPs
-    rate = img_s * 3 * FWD_GFLOPS["vit-b16"]  # GFLOP/s of the anchor
-    return flops / rate / 3600
 
 
 def main() -> None:

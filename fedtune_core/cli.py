@@ -201,7 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     from fedtune_core import grid
 
     grid.add_parser(sub)
+    sub.choices["grid"].set_defaults(func=cmd_grid)
     return parser
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """``fedtune grid``; with ``--rehearse``, the profile's rehearsal (rehearsal_report)."""
+    from fedtune_core import grid
+
+    if not args.rehearse:
+        return grid.cmd_grid(args)
+    from fedtune_core import rehearsal_report
+
+    return rehearsal_report.cmd_rehearse(args, grid.load_profile(args.profile))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,7 +107,10 @@ def _digits(root: Path) -> Dataset:
 def _cifar(name: str, root: Path) -> Dataset:
     from torchvision import datasets
 
+    from fedtune_core import standin
+
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    cls = standin.loader_class(cls, root)  # a rehearsal's stand-in: its own checksums
     existed = root.exists()
     try:
         parts = [cls(str(root), train=t, download=True) for t in (True, False)]

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from fedtune_core import data, models, partition, pretrain, recipes, tuning
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, Diverged
+from fedtune_core.limits import Limits, Meter
 
 State = dict[str, torch.Tensor]
 
@@ -112,17 +113,25 @@ class Trainer:
     encoder once over the splits a run needs and switches the trainer to a feature view:
     from then on :meth:`fit` and :meth:`evaluate` take splits of features and run the head
     only. Data order, batches and optimizer are the same as on images.
+
+    ``amp``: forward passes under bf16 autocast (default: on CUDA only; True runs the same
+    autocast path on the CPU, as the tests do). ``limits``: a rehearsal's caps
+    (:class:`~fedtune_core.limits.Limits`), with ``meter`` timing every training step and
+    forward pass.
     """
 
     def __init__(self, model: models.Classifier, names: list[str], cfg: RunConfig,
-                 device: torch.device):
+                 device: torch.device, amp: bool | None = None, limits: Limits | None = None,
+                 meter: Meter | None = None):
         self.model = model.to(device)
         self.params = {n: p for n, p in model.named_parameters() if n in set(names)}
         self.pre = data.Preprocess(model.input_size, model.mean, model.std,
                                    model.interpolation).to(device)
         self.cfg = cfg
         self.device = device
-        self.amp = device.type == "cuda"
+        self.amp = device.type == "cuda" if amp is None else amp
+        self.limits = limits
+        self.meter = meter
         self.on_features = False  # True after to_features(): splits hold encoder features
 
     @property
@@ -146,11 +155,14 @@ class Trainer:
                              f"{[n for n in self.params if not n.startswith('head.')][:3]}")
         self.model.eval()
         out = []
+        t0 = self.meter.clock() if self.meter else 0.0
         for split in splits:
             chunks = [split.images[s:s + batch] for s in range(0, len(split), batch)]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 feats = [self.model.features(self.pre(c)).float() for c in chunks]
             out.append(data.Split(torch.cat(feats), split.labels))
+        if self.meter:
+            self._forward_timed(t0, sum(len(s) for s in splits))
         self.on_features = True
         return out
 
@@ -193,27 +205,43 @@ class Trainer:
         opt, bs = self._optimizer(), self.cfg.batch_size
         self.model.train()
         losses = []
+        cap = self.limits.train_steps if self.limits else None
         for indices in passes:
             order = torch.as_tensor(indices, device=self.device)
             for start in range(0, len(order), bs):
+                if cap is not None and len(losses) >= cap:
+                    break
+                t0 = self.meter.clock() if self.meter else 0.0
                 idx = order[start:start + bs]
                 loss = F.cross_entropy(self._logits(split.images[idx]), split.labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
+                if self.meter:
+                    self.meter.steps.append(self.meter.clock() - t0)
         return torch.stack(losses).mean().item()
+
+    def _forward_timed(self, t0: float, images: int) -> None:
+        self.meter.forward_seconds += self.meter.clock() - t0
+        self.meter.forward_images += images
 
     @torch.inference_mode()
     def evaluate(self, split: data.Split, batch: int = 512) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) on ``split``."""
+        """(accuracy, mean cross-entropy) on ``split`` (a rehearsal: on its first samples)."""
         self.model.eval()
+        if self.limits:
+            split = data.Split(split.images[:self.limits.eval_samples],
+                               split.labels[:self.limits.eval_samples])
+        t0 = self.meter.clock() if self.meter else 0.0
         correct, loss = 0, 0.0
         for start in range(0, len(split), batch):
             logits = self._logits(split.images[start:start + batch])
             labels = split.labels[start:start + batch]
             correct += (logits.argmax(1) == labels).sum().item()
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        if self.meter:
+            self._forward_timed(t0, len(split))
         return correct / len(split), loss / len(split)
 
     def per_client(self, clients: list[Client], which: str) -> np.ndarray:
@@ -402,6 +430,7 @@ class Outcome:
     state_bytes: int
     weights: dict[str, Any]  # kind, source, quick_gelu (CLIP) and why
     device: str
+    rehearsal: dict[str, Any] | None = None  # a rehearsal's measurements (limits.Meter)
 
 
 def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | None = None,
@@ -484,12 +513,14 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
         raise ValueError(f"fl.execute runs the built-in loop, not engine {cfg.engine!r} "
                          "(fedtune_core.flower_app.execute runs Flower)")
     dev = pick_device(device)
+    limits = Limits.from_env()  # set by a rehearsal (fedtune grid --rehearse)
+    meter = Meter(dev) if limits else None  # from here: the run's peak memory
     dataset, parts = load_split(cfg, data_root)
     model = build_model(cfg, dataset, progress)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
-    as_built = Trainer(model, [], cfg, dev).evaluate(evaluation)
+    as_built = Trainer(model, [], cfg, dev, limits=limits, meter=meter).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
-    trainer = Trainer(model, names, cfg, dev)
+    trainer = Trainer(model, names, cfg, dev, limits=limits, meter=meter)
     if cache_features and trainer.encoder_frozen:
         clients, evaluation = _clients(cfg, _encoded(trainer, dataset, cfg, dev), parts, dev)
     initial = trainer.evaluate(evaluation)
@@ -530,8 +561,9 @@ def outcome(cfg: RunConfig, trainer: Trainer, rows: list[dict], final: dict[str,
     if cfg.val_fraction:
         rows, final = [_as_validation(r) for r in rows], _as_validation(final)
     trainable, total = tuning.count_parameters(trainer.model)
+    measured = trainer.meter.summary(cfg.batch_size) if trainer.meter else None
     return Outcome(rows, final, trainable, total, state_bytes(trainer.state()),
-                   _weights_info(cfg), str(trainer.device))
+                   _weights_info(cfg), str(trainer.device), measured)
 
 
 def _weights_info(cfg: RunConfig) -> dict[str, Any]:

@@ -11,10 +11,12 @@ groups it needs, the choice of each group's rate from their validation metrics
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fedtune_core import selection
@@ -86,6 +88,13 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     from fedtune_core.errors import in_notebook
     from fedtune_core.fl import set_cpu_threads
 
+    if profile.rehearsal:  # its stand-in data, and every run capped (see limits.py)
+        with _rehearsal_limits(profile):
+            return ensure(replace(profile, rehearsal=None), results, experiment,
+                          device=device, data_root=profile.rehearsal["data_dir"],
+                          force=force, retry_failed=retry_failed, jobs=jobs,
+                          progress=progress, backend=backend, address=address,
+                          gpus_per_run=gpus_per_run)
     progress = progress and not in_notebook()  # no bars (escape codes) in a report's cells
     set_cpu_threads()
     where = backends.Placement(device, data_root, jobs, address,
@@ -109,6 +118,23 @@ def _ensure_sweeps(profile: Profile, results: str | os.PathLike, experiment: str
     while len(sweeps := selection.sweeps(groups, results)) > done:
         _ensure_runs(sweeps, results, label, **options)
         done, label = len(sweeps), f"{profile.name}/lr sweeps, extended past an edge"
+
+
+@contextlib.contextmanager
+def _rehearsal_limits(profile: Profile):
+    """The rehearsal's caps in the environment, where every worker reads them."""
+    from fedtune_core import limits
+
+    caps = limits.Limits(profile.rehearsal["train_steps"], profile.rehearsal["eval_samples"])
+    before = os.environ.get(limits.ENV)
+    os.environ[limits.ENV] = caps.to_env()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(limits.ENV, None)
+        else:
+            os.environ[limits.ENV] = before
 
 
 def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,
@@ -385,6 +411,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.add_argument("--data-dir", default=None, help="dataset folder ($FEDTUNE_DATA_DIR, ./data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--rehearse", action="store_true",
+                   help="every run shape once, tiny, at full size, into results/<profile>-"
+                        "rehearsal: status, s/step, peak memory, projected cost")
+    p.add_argument("--rehearse-batch", type=int, default=None,
+                   help="--rehearse: batch size (default: the profile's on a GPU, 2 on CPU)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("index", help="write <results>/index.html: findings and links")

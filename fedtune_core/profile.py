@@ -64,6 +64,9 @@ class Profile:
     experiments: dict[str, list[dict[str, Any]]]
     lr_selection: selection.Settings = selection.Settings()
     gpus_per_run: float = 1.0  # Ray on CUDA: the GPU share each run asks for (0 < x <= 1)
+    # a rehearsal of another profile (fedtune_core.rehearsal): of, train_steps, eval_samples,
+    # batch_size, data_dir (made absolute at load); None for a real study
+    rehearsal: dict[str, Any] | None = None
 
     def planned(self, experiment: str | None = None) -> list[Planned]:
         """Every run ``experiment`` (all if None) needs, deduplicated, rates pending or not."""
@@ -186,12 +189,33 @@ def load_profile(name: str | os.PathLike) -> Profile:
                       tuple(raw.get("seeds", [0])), raw.get("base", {}), lr,
                       raw.get("variants", {}), experiments,
                       selection.Settings(**raw.get("lr_selection", {})),
-                      raw.get("gpus_per_run", 1.0))
+                      raw.get("gpus_per_run", 1.0), _rehearsal(raw.get("rehearsal"), path))
     try:
         profile.groups()  # validate every configuration and sweep now, not mid-grid
     except ConfigError as err:
         raise ConfigError(f"profile {path}: {err}") from None
     return profile
+
+
+def _rehearsal(table: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+    """A rehearsal profile's settings, its stand-in data folder relative to the file."""
+    if table is None:
+        return None
+    return table | {"data_dir": str((path.parent / table.get("data_dir", "data")).resolve())}
+
+
+def _rehearsal_table(value: Any) -> bool | str:
+    """``[rehearsal]``: what a generated rehearsal profile rehearses, and how far it goes."""
+    if not isinstance(value, dict):
+        return True
+    known = ("of", "train_steps", "eval_samples", "batch_size", "data_dir", "weights")
+    if unknown := sorted(set(value) - set(known)):
+        return (f"unknown key(s) {', '.join(unknown)} in [rehearsal]; valid keys: "
+                f"{', '.join(known)}")
+    for key in ("train_steps", "eval_samples", "batch_size"):
+        if key in value and not (_is_int(value[key]) and value[key] >= 1):
+            return f"rehearsal.{key} must be a whole number >= 1, got {value[key]!r}"
+    return False
 
 
 def check_schema(raw: dict[str, Any], path: str | os.PathLike) -> None:
@@ -310,4 +334,5 @@ SCHEMA = {
     "variants": (_variants, "a table of name = { run settings } ([variants])"),
     "gpus_per_run": (lambda v: isinstance(v, bool) or not isinstance(v, int | float)
                      or not 0 < v <= 1, "a number > 0 and <= 1 (the GPU share of a run)"),
+    "rehearsal": (_rehearsal_table, "a table ([rehearsal], written by fedtune grid --rehearse)"),
 }

@@ -147,7 +147,10 @@ def header(profile: Profile, records: Sequence[dict]) -> str:
                       for r in ok)
     versions = ok[0]["versions"] if ok else {}
     notice = absent_notice(getattr(records, "absent", ()))
-    lines = [f"**Profile: `{profile.name}`.** {profile.description}", "",
+    lines = [*([f"**REHEARSAL of profile `{profile.rehearsal.get('of')}`: every run shape "
+                 "once, tiny, to find what breaks before the real runs; its numbers are no "
+                 "results.**", ""] if profile.rehearsal else []),
+             f"**Profile: `{profile.name}`.** {profile.description}", "",
              *([notice, ""] if notice else []),
              "| | |", "|---|---|",
              f"| models (weights) | {', '.join(weights) or '-'} |",
@@ -317,6 +320,7 @@ def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame
     page = _TEMPLATES.get_template("index.html.j2").render(
         profile=profile.name, description=markdown_html(profile.description), reports=reports,
         absent=markdown_html(notice) if notice else "",
+        rehearsal=(profile.rehearsal or {}).get("of"),
         columns=list(table.columns), rows=[_cells(row) for row in table.to_dict("records")],
         tally=_tally(table), rules=markdown_html(verdicts.RULES),
         figures=_figures(folder, {r["name"] for r in reports}))

@@ -246,6 +246,8 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
                    "state_bytes": out.state_bytes,
                    "weights": out.weights,
                    "device": out.device}
+        if out.rehearsal is not None:  # a rehearsal run: seconds per step, peak memory
+            record["rehearsal"] = out.rehearsal
     return record | environment() | {"wall_seconds": time.perf_counter() - t0}
 
 
