@@ -22,11 +22,6 @@ FINAL = "final_test_acc"  # the column of final accuracy in runs frames
 TARGET_FRACTION = 0.8  # rounds to reach this share of the best method's final accuracy
 
 
-def final_accuracy(runs: pd.DataFrame) -> pd.Series:
-    """Final accuracy of each run (global test set, after the last round)."""
-    return runs[FINAL]
-
-
 def train_test_gap(runs: pd.DataFrame) -> pd.Series:
     """Training minus own-test accuracy on the clients' data, after the last round, per run."""
     return runs["final_train_acc"] - runs["final_local_test_acc"]
