@@ -63,7 +63,7 @@ export PYTHONUNBUFFERED=1
 # Validate the profile first (one clear line and exit 2 on a bad name) and get its folder.
 name="$("$bin/python" -c 'import sys
 from fedtune_core.errors import ConfigError
-from fedtune_core.grid import load_profile
+from fedtune_core.study.grid import load_profile
 try:
     print(load_profile(sys.argv[1]).name)
 except ConfigError as err:

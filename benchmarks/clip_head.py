@@ -117,7 +117,8 @@ def head_study() -> None:
 def train_fedavg(kind: str, optimizer: str, lr: float, data, text, clients: int = 20,
                  sample: int = 5, rounds: int = 30, batch: int = 32) -> float:
     """FedAvg of the head alone (Dirichlet(0.5) clients, 1 local epoch, fresh optimizer)."""
-    from fedtune_core import fl, partition
+    from fedtune_core.fl import fedavg as fl
+    from fedtune_core.fl import partition
 
     xtr, ytr, xte, yte = data
     params, logits = heads(kind, xtr.shape[1], text)
@@ -167,7 +168,8 @@ def grad_study() -> None:
     SGD moves a tensor by lr * |g| / |w| relative to its norm; Adam (first step, bias-
     corrected) by lr * sqrt(n) / |w|. The median over a method's non-zero body tensors.
     """
-    from fedtune_core import models, tuning
+    from fedtune_core import tuning
+    from fedtune_core.fl import models
 
     print("Part 4: relative step per unit rate at random init (8 random images), median over")
     print("each method's body tensors (head excluded)\n")
@@ -211,7 +213,7 @@ def _step_moves(feats: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def arch_study() -> None:
-    from fedtune_core import models
+    from fedtune_core.fl import models
 
     print("Part 1: full-size architectures at random init, 16 random images; CLIP with")
     print(f"OpenAI's logit scale s = {SCALE:g} (random init has 14.3)")

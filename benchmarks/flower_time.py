@@ -16,8 +16,9 @@ import platform
 import time
 from datetime import UTC, datetime
 
-from fedtune_core import fl, flower_app
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import flower_app
 
 
 def main() -> None:

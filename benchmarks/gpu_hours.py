@@ -13,7 +13,7 @@ training an image costs 3 forwards with full fine-tuning and 2 with the lightwei
 skipped); head-only runs the encoder once over the training pool and the test set (cached
 features) and the head costs nothing; every backbone reaches the anchor's FLOP rate. It is
 an estimate, not a measurement: nothing of the paper profile has run on a GPU yet. The
-counting lives in :mod:`fedtune_core.cost`; ``fedtune grid --rehearse`` multiplies the same
+counting lives in :mod:`fedtune_core.study.cost`; ``fedtune grid --rehearse`` multiplies the same
 counts by measured seconds.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from fedtune_core.cost import ANCHOR_IMG_S, FWD_GFLOPS, gpu_hours, images
-from fedtune_core.grid import load_profile
+from fedtune_core.study.cost import ANCHOR_IMG_S, FWD_GFLOPS, gpu_hours, images
+from fedtune_core.study.grid import load_profile
 
 
 def main() -> None:

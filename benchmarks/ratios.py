@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtune_core import data, fl, models, tuning
+from fedtune_core import tuning
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import data, models
+from fedtune_core.fl import fedavg as fl
 
 FWD_GFLOPS = {"vit-b16": 35.2, "clip-vit-b32": 8.8, "vit-b32": 8.7}  # per 224 image forward
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, per GPU
@@ -128,7 +130,7 @@ def cached_round(model_name: str, clients: int, per_client: int, batch: int,
 
 def grid_throughput(jobs: int) -> None:
     """The smoke profile on each backend from scratch (Ray: including starting it)."""
-    from fedtune_core.grid import load_profile
+    from fedtune_core.study.grid import load_profile
 
     profile = load_profile("smoke")
     runs = len(profile.planned()) + len(profile.sweeps())  # learning-rate sweeps included

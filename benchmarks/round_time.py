@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from fedtune_core import fl, tuning
+from fedtune_core import tuning
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import fedavg as fl
 
 
 def main() -> None:

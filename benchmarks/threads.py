@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fedtune_core import models
+from fedtune_core.fl import models
 
 
 def seconds(fn, repeat: int) -> float:

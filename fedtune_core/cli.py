@@ -88,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)  # validated without torch: bad input answers at once
     check_results_folder(args.results)
-    from fedtune_core import fl, results
+    from fedtune_core.fl import fedavg as fl
+    from fedtune_core.runs import records as results
 
     fl.set_cpu_threads()
     fl.pick_device(args.device)
@@ -111,7 +112,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     check_int("--classes", args.classes, 1, MAX_CLASSES)
     check_choice("model", args.model, specs.BACKBONES)
-    from fedtune_core import models, tuning
+    from fedtune_core import tuning
+    from fedtune_core.fl import models
 
     rows = []
     for method in tuning.METHODS:
@@ -137,7 +139,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from fedtune_core.config import RunConfig
 
     RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, method="head")
-    from fedtune_core import fl
+    from fedtune_core.fl import fedavg as fl
 
     acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
     print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
@@ -151,7 +153,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.jobs is not None:
         check_int("--jobs", args.jobs, 1, 64)
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, 4))
-    from fedtune_core import pretrain
+    from fedtune_core.proxy import pretrain
 
     before = {p: recipes.cached(*p) is not None and not args.force for p in pairs}
     metas = pretrain.ensure_all(pairs, jobs, force=args.force, progress=not args.quiet)
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bars")
     pre.set_defaults(func=cmd_pretrain)
 
-    from fedtune_core import grid
+    from fedtune_core.study import grid
 
     grid.add_parser(sub)
     sub.choices["grid"].set_defaults(func=cmd_grid)
@@ -207,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     """``fedtune grid``; with ``--rehearse``, the profile's rehearsal (rehearsal_report)."""
-    from fedtune_core import grid
+    from fedtune_core.study import grid
 
     if not args.rehearse:
         return grid.cmd_grid(args)
-    from fedtune_core import rehearsal_report
+    from fedtune_core.study import rehearsal_report
 
     return rehearsal_report.cmd_rehearse(args, grid.load_profile(args.profile))
 

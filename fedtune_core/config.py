@@ -25,7 +25,7 @@ from fedtune_core.errors import (
 )
 
 MODES = ("fl", "local", "central")
-ENGINES = ("builtin", "flower")  # fedtune's own FedAvg loop; Flower (fedtune_core.flower_app)
+ENGINES = ("builtin", "flower")  # fedtune's own FedAvg loop; Flower (fedtune_core.fl.flower_app)
 # fields left out of to_dict (and so of the hash) at these values: the identity of every
 # config from before they existed stays what it was
 OMITTED_AT_DEFAULT = {"engine": "builtin"}
@@ -106,7 +106,8 @@ class RunConfig:
         list the known tags), so the CLI rejects bad input in milliseconds. What needs the
         data (does the partition fit?) is checked when the run loads it, before training.
         """
-        from fedtune_core import checks, partition, recipes, specs, tuning
+        from fedtune_core import checks, recipes, specs, tuning
+        from fedtune_core.fl import partition
 
         for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode",
                      "engine"):

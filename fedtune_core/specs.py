@@ -2,7 +2,7 @@
 
 A backbone name maps to a :class:`BackboneSpec` (which library builds it, from which
 architecture, with which weights by default). This module imports no heavy library, so
-the CLI checks a model name or a weights value in milliseconds; :mod:`fedtune_core.models`
+the CLI checks a model name or a weights value in milliseconds; :mod:`fedtune_core.fl.models`
 builds the networks.
 """
 
@@ -86,7 +86,7 @@ def _looks_like_path(weights: str) -> bool:
 
 def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
     """Turn a weights value into ``(kind, source)``: ('none', None), ('file', path),
-    ('hub', tag) or ('recipe', name): fedtune's own pre-training (fedtune_core.pretrain).
+    ('hub', tag) or ('recipe', name): fedtune's own pre-training (fedtune_core.proxy.pretrain).
 
     ``auto`` takes ``$FEDTUNE_WEIGHTS_DIR/<model>.<suffix>`` if such a file exists, else
     the backbone's hub tag, else (tiny variants) its strongest recipe.

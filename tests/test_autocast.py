@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-from fedtune_core import data, fl, models, tuning
+from fedtune_core import tuning
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import data, models
+from fedtune_core.fl import fedavg as fl
 
 VARIANTS = [(m, {}) for m in tuning.METHODS] + [("prompt", {"depth": "deep"}),
                                                 ("adapter", {"input": "mlp"})]

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_core import backends, grid
 from fedtune_core.cli import main
 from fedtune_core.errors import ConfigError
+from fedtune_core.runs import backends
+from fedtune_core.study import grid
 
 FEDTUNE = str(Path(sys.executable).with_name("fedtune"))
 METRICS = ("test_acc", "test_loss", "train_loss", "bytes_up", "bytes_down")
@@ -164,7 +165,8 @@ def test_a_bad_gpus_per_run_in_a_profile_fails_at_load(tmp_path):
 
 
 def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd):
-    from fedtune_core import results, store
+    from fedtune_core.runs import records as results
+    from fedtune_core.runs import store
 
     profile = grid.load_profile(_profile(tmp_path, [0]))
     held = profile.runs()[0]

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune_core import cli, fl, grid, report, results
+from fedtune_core import cli
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
+from fedtune_core.study import grid, report
 
 # the smallest run that still does everything: 2 clients, 1 round, tiny ViT on digits
 ONE_ROUND = dict(model="vit-tiny", weights="none", method="bias", dataset="digits",
@@ -70,7 +73,7 @@ def _checkpoint(tmp_path: Path, kind: str) -> Path:
     if kind == "unrelated":
         torch.save({"foo.weight": torch.zeros(3), "bar": torch.ones(2)}, path)
     elif kind == "shapes":  # vit-tiny's keys, wrong widths
-        from fedtune_core import models
+        from fedtune_core.fl import models
 
         state = models.build("vit-tiny", ["a", "b"], "none").encoder.state_dict()
         torch.save({k: torch.zeros(*(s + 1 for s in v.shape)) for k, v in state.items()}, path)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune_core import data, fl, models, partition, tuning
+from fedtune_core import tuning
 from fedtune_core.cli import main
+from fedtune_core.fl import data, models, partition
+from fedtune_core.fl import fedavg as fl
 
 SMALL = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--dataset", "digits",
          "--partition", "dirichlet:0.5", "--clients", "5", "--sample", "2", "--rounds", "4",

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from fedtune_core import fl, tuning
+from fedtune_core import tuning
+from fedtune_core.fl import fedavg as fl
 
 TINY = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--dataset", "digits",
         "--partition", "iid", "--clients", "2", "--sample", "2", "--rounds", "1",

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fedtune_core import data, fashion
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import data, fashion
 
 TRAIN, TEST = 150, 40  # images per class in the hand-made files (the loader keeps 144 / 36)
 

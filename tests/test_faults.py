@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import TINY, _files, _refused, _tiny_profile
 
-from fedtune_core import cache, cli, fl, results
+from fedtune_core import cache, cli
 from fedtune_core.errors import ConfigError
-from fedtune_core.profile import load_profile
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
+from fedtune_core.study.profile import load_profile
 
 GRID_BASE = 'weights = "none"\npartition = "iid"\nclients = 2\nsample = 2\nbatch_size = 64'
 

@@ -1,11 +1,13 @@
-"""Tests of fedtune_core.fl: FedAvg arithmetic, bytes, real tiny runs in every mode."""
+"""Tests of fedtune_core.fl.fedavg: FedAvg arithmetic, bytes, real tiny runs in every mode."""
 
 import math
 
 import pytest
 import torch
 
-from fedtune_core import data, fl, models, tuning
+from fedtune_core import tuning
+from fedtune_core.fl import data, models
+from fedtune_core.fl import fedavg as fl
 
 # ---------------------------------------------------------------- fedavg, by hand
 

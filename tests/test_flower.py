@@ -6,9 +6,11 @@ the ``flower`` extra; the identity and bad-input tests do not.
 
 import pytest
 
-from fedtune_core import fl, results, store
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
+from fedtune_core.runs import store
 
 
 def test_a_builtin_configs_identity_is_what_it_was_before_engines():
@@ -61,7 +63,7 @@ def test_cli_refuses_a_bad_engine_writing_nothing(run_cli, tmp_results):
 def _flower():
     pytest.importorskip("flwr", reason="the Flower engine needs the extra: "
                                        "pip install -e '.[flower]'")
-    from fedtune_core import flower_app
+    from fedtune_core.fl import flower_app
 
     return flower_app
 
@@ -99,7 +101,7 @@ def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_result
 
 
 def test_a_profile_runs_its_fedavg_runs_on_the_engine_it_sets(tmp_path):
-    from fedtune_core.profile import load_profile
+    from fedtune_core.study.profile import load_profile
 
     path = tmp_path / "flowered.toml"
     path.write_text('seeds = [0]\n[base]\nengine = "flower"\ndataset = "digits"\n'

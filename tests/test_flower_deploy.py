@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower engine needs the extra: pip install -e '.[flower]'")
 
-from fedtune_core import fl  # noqa: E402
 from fedtune_core.config import RunConfig  # noqa: E402
+from fedtune_core.fl import fedavg as fl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 900  # seconds: only so that a broken federation fails instead of hanging CI

@@ -20,8 +20,12 @@ import pytest
 from test_bad_inputs import TINY, _tiny_profile
 from test_faults import _wait_for
 
-from fedtune_core import cli, glyphs, grid, pretrain, probe, recipes, report, results, store
+from fedtune_core import cli, recipes
 from fedtune_core.errors import diagnostics
+from fedtune_core.proxy import glyphs, pretrain, probe
+from fedtune_core.runs import records as results
+from fedtune_core.runs import store
+from fedtune_core.study import grid, report
 
 GRID_BASE = 'weights = "none"\npartition = "iid"\nclients = 2\nsample = 2\nbatch_size = 64'
 SHORT = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=300, seed=21),
@@ -30,7 +34,8 @@ SHORT = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=300, 
 # a writer stopped inside its write: staged (checkpoints, corpora) or write_text (records)
 _WRITER = """
 import os, sys, pathlib
-from fedtune_core import cache, results
+from fedtune_core import cache
+from fedtune_core.runs import records as results
 path, ready = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 def hang(fd):
     ready.write_text("writing")

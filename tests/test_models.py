@@ -1,10 +1,10 @@
-"""Tests of fedtune_core.models (weights resolution, checkpoint loading) and data.Preprocess."""
+"""Tests of fedtune_core.fl.models (weights resolution, checkpoint loading) and data.Preprocess."""
 
 import pytest
 import torch
 
-from fedtune_core import data, models
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import data, models
 
 NAMES = [str(i) for i in range(10)]
 

@@ -1,10 +1,10 @@
-"""Tests of fedtune_core.partition: parsing, the four partitions, and the count table."""
+"""Tests of fedtune_core.fl.partition: parsing, the four partitions, and the count table."""
 
 import numpy as np
 import pytest
 
 from fedtune_core.errors import ConfigError
-from fedtune_core.partition import (
+from fedtune_core.fl.partition import (
     ClientSplit,
     PartitionSpec,
     count_table,

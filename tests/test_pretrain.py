@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune_core import cli, data, glyphs, models, pretrain, probe, recipes, results
+from fedtune_core import cli, recipes
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import data, models
+from fedtune_core.proxy import glyphs, pretrain, probe
+from fedtune_core.runs import records as results
 
 MODELS = ["vit-tiny", "clip-tiny"]
 # seconds long: 3,000 images, 40 steps of 32 (nothing much is learnt; enough to test the plumbing)
@@ -80,7 +83,7 @@ def test_the_corpus_is_cached_and_memory_mapped():
 
 
 def test_captions_name_the_digits_with_the_runs_prompt():
-    from fedtune_core import objectives
+    from fedtune_core.proxy import objectives
 
     for d, name in enumerate(data.DIGIT_NAMES):
         assert models.CLIP_PROMPT.format(name) in objectives.captions(d)
@@ -297,7 +300,7 @@ weights = ["none", "glyphs-weak", "auto"]
 
 
 def test_a_grid_builds_its_checkpoints_first_and_records_them(no_probe, monkeypatch, tmp_path):
-    from fedtune_core import grid, profile
+    from fedtune_core.study import grid, profile
 
     for name, steps in (("glyphs-weak", 42), ("glyphs-strong", 43)):  # not built before
         monkeypatch.setitem(recipes.RECIPES, name, dataclasses.replace(QUICK, steps=steps))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedtune_core import models, tuning
+from fedtune_core import tuning
+from fedtune_core.fl import models
 
 CLASSES = [str(i) for i in range(10)]
 

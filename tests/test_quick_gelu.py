@@ -10,10 +10,10 @@ import open_clip
 import pytest
 import torch
 
-from fedtune_core import models
 from fedtune_core.cli import main
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import models
 
 NAMES = [str(i) for i in range(10)]
 
@@ -81,7 +81,7 @@ def test_quick_gelu_is_for_clip_only_and_recorded(tiny_config):
     with pytest.raises(ConfigError, match="true, false or unset"):
         RunConfig(model="clip-tiny", quick_gelu="yes")
     assert RunConfig(model="clip-tiny", quick_gelu=True).hash != RunConfig(model="clip-tiny").hash
-    from fedtune_core import fl
+    from fedtune_core.fl import fedavg as fl
 
     out = fl.execute(tiny_config(model="clip-tiny", quick_gelu=True, rounds=1), device="cpu")
     assert out.weights["quick_gelu"] is True and out.weights["quick_gelu_from"] == (

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from fedtune_core import cost, data, grid, rehearsal, rehearsal_report, report, standin, tuning
+from fedtune_core import tuning
+from fedtune_core.fl import data, standin
+from fedtune_core.study import cost, grid, rehearsal, rehearsal_report, report
 
 
 def _shapes(profile) -> set:

@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune_core import data, fl, grid, models, report, tuning
+from fedtune_core import tuning
 from fedtune_core.config import RunConfig
+from fedtune_core.fl import data, models
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.study import grid, report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from bs4 import BeautifulSoup  # noqa: E402
 
-from fedtune_core import grid, plots, report, verdicts  # noqa: E402
+from fedtune_core.study import grid, plots, report, verdicts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The findings' verdicts, in an order unlike the marks' table; the first is yet unknown.

@@ -1,13 +1,14 @@
-"""Tests of fedtune_core.results (records, cache, atomic writes) and RunConfig identity."""
+"""Tests of fedtune_core.runs.records (records, cache, atomic writes) and RunConfig identity."""
 
 import json
 import math
 
 import pytest
 
-from fedtune_core import fl, results
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
 
 RECORD_KEYS = {"schema", "hash", "config", "status", "rounds", "final", "params", "versions",
                "git", "hardware", "wall_seconds"}

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune_core import glyphs, pretrain, probe, recipes
+from fedtune_core import recipes
+from fedtune_core.proxy import glyphs, pretrain, probe
 
 SHORT = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=600, seed=5),
                             holdout=60, steps=12, batch_size=32, warmup=3)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_core import grid, report, results, selection
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.runs import records as results
+from fedtune_core.study import grid, report, selection
 
 
 def _record(lr: float, val_acc: float | None, val_loss: float | None = 1.0, *,

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_core import fl, results, store
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
+from fedtune_core.runs import store
 
 # the smallest run that still does everything: 2 clients, 1 round, tiny ViT on digits
 ONE_ROUND = dict(model="vit-tiny", weights="none", method="bias", dataset="digits",
@@ -42,7 +44,7 @@ def _python(code: str, **kwargs) -> subprocess.Popen:
 
 WRITER = """
 import json, os, time
-from fedtune_core import results
+from fedtune_core.runs import records as results
 path, record, slow = {path!r}, json.load(open({source!r})), {slow}
 record["rounds"] = record["rounds"] * 3000  # a few MB: writes take a while
 if slow:  # a disk that stalls in fsync: the temp file is complete but not yet renamed
@@ -107,7 +109,7 @@ def test_records_are_readable_by_the_group(tmp_path, valid):
 
 HOLDER = """
 import json, sys, time
-from fedtune_core import results, store
+from fedtune_core.runs import records as results, store
 path = {path!r}
 with store.RunLock(path) as lock:
     print("locked", flush=True)
@@ -203,7 +205,7 @@ def test_dry_run_into_a_closed_pipe_ends_quietly(tmp_path):
 def test_unreachable_hub_fails_at_once_with_one_line(tmp_path, monkeypatch, caplog):
     import huggingface_hub.constants as hub
 
-    from fedtune_core import models, weights
+    from fedtune_core.fl import models, weights
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
@@ -230,7 +232,7 @@ def test_cifar_offline_leaves_no_empty_data_folder(tmp_path, monkeypatch):
 
     from torchvision.datasets import cifar
 
-    from fedtune_core import data
+    from fedtune_core.fl import data
 
     def offline(url, download_root, *args, **kwargs):
         Path(download_root).mkdir(parents=True, exist_ok=True)
@@ -250,7 +252,7 @@ def test_cifar_offline_leaves_no_empty_data_folder(tmp_path, monkeypatch):
 
 def test_a_grid_skips_a_run_another_process_holds_then_uses_its_record(tmp_path, valid,
                                                                        monkeypatch, capsys):
-    from fedtune_core import grid
+    from fedtune_core.study import grid
 
     cfg, record = valid
     profile = tmp_path / "two.toml"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from bs4 import BeautifulSoup
 
-from fedtune_core import grid, plots, report
 from fedtune_core.cli import main
 from fedtune_core.errors import ConfigError
+from fedtune_core.study import grid, plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDTUNE = str(Path(sys.executable).with_name("fedtune"))

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtune_core import models, tuning
+from fedtune_core import tuning
 from fedtune_core.errors import ConfigError
+from fedtune_core.fl import models
 
 MODELS = ["vit-tiny", "clip-tiny"]
 METHODS = sorted(tuning.METHODS)

@@ -17,9 +17,13 @@ import pytest
 from PIL import Image
 from test_bad_inputs import TINY, _files, _images, _refused, _tiny_profile
 
-from fedtune_core import cli, data, fl, results, store
+from fedtune_core import cli
 from fedtune_core.config import RunConfig
-from fedtune_core.profile import load_profile
+from fedtune_core.fl import data
+from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import records as results
+from fedtune_core.runs import store
+from fedtune_core.study.profile import load_profile
 
 ONE = dict(model="vit-tiny", weights="none", method="bias", dataset="digits", partition="iid",
            clients=2, sample=2, rounds=1, local_epochs=1, batch_size=64)

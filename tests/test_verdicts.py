@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from fedtune_core import measures, plots, report, stats, verdicts
-from fedtune_core.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+from fedtune_core.study import measures, plots, report, stats, verdicts
+from fedtune_core.study.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 SEEDS = (0, 1, 2)
 JITTER = (-0.01, 0.0, 0.01)  # per seed: spread 0.01

@@ -1,7 +1,7 @@
 """Tuning methods: a registry of small modules, one per method.
 
 A method is a frozen config dataclass plus ``apply(model, cfg) -> list[str]``: it adds
-its modules to a :class:`~fedtune_core.models.Classifier` and returns the names of the
+its modules to a :class:`~fedtune_core.fl.models.Classifier` and returns the names of the
 parameters it wants trained. :func:`prepare` then freezes everything and unfreezes those
 names plus the head, which always trains. Adding a method is one file in this package
 (registered with :func:`register`) plus one row in the contract-test table.

@@ -1,0 +1,1 @@
+"""The federated core: how a run trains (data, partitions, models, weights, the loop)."""

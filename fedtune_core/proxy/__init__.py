@@ -1,0 +1,1 @@
+"""Where the tiny proxies come from: glyph corpus, objectives, pre-training, probe."""

@@ -1,0 +1,1 @@
+"""Where records live and runs execute: the record store, records, backends."""

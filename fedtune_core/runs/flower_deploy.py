@@ -1,0 +1,31 @@
+"""The Flower apps that ``flwr run flower/`` starts on a SuperLink and its SuperNodes.
+
+The components named in ``flower/pyproject.toml``. The run's config and fedtune's settings
+come in Flower's run config (``flwr run --run-config``, keys in
+:data:`fedtune_core.fl.flower_server.DEFAULTS`); the ServerApp computes the run under its lock
+and writes its record atomically, like ``fedtune run``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from fedtune_core.fl import flower_server
+from fedtune_core.fl.flower_app import client_app_for, config_of, server_app_for
+from fedtune_core.fl.flower_server import DEFAULTS, RESULTS
+from fedtune_core.runs import records as results
+
+
+def _deployed(grid: Grid, context: Context) -> None:
+    """``flwr run``: run the config the run config carries and write its record."""
+    settings = DEFAULTS | dict(context.run_config)
+    cfg = config_of(settings)
+    record = results.run(cfg, settings[RESULTS], progress=False, execute=lambda c: (
+        flower_server.serve(grid, c, settings)))
+    path = results.record_path(settings[RESULTS], cfg)
+    print(f"fedtune: {record['status']} record {path}", flush=True)
+
+
+client_app = client_app_for()  # each run's settings from its own run config
+server_app = server_app_for(_deployed)

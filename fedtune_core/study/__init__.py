@@ -1,0 +1,1 @@
+"""How a profile becomes verdicts: profiles, selection, the grid, reports, plots."""
