@@ -140,8 +140,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
     RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, method="head")
     from fedtune_core.fl import fedavg as fl
+    from fedtune_core.proxy import pretrain
 
-    acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir)
+    path = pretrain.weights_file(args.model, args.weights, progress=True)
+    acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir,
+                       weights_file=path)
     print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
     return 0
 

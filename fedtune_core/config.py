@@ -107,7 +107,6 @@ class RunConfig:
         data (does the partition fit?) is checked when the run loads it, before training.
         """
         from fedtune_core import checks, recipes, specs, tuning
-        from fedtune_core.fl import partition
 
         for name in ("model", "weights", "method", "dataset", "partition", "optimizer", "mode",
                      "engine"):
@@ -118,7 +117,7 @@ class RunConfig:
         check_choice("tuning method", self.method, tuning.METHODS)
         tuning.method_config(self.method, self.method_options)
         checks.check_dataset(self.dataset)
-        partition.parse(self.partition)
+        specs.parse_partition(self.partition)
         check_choice("mode", self.mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("engine", self.engine, ENGINES)

@@ -1,4 +1,4 @@
-"""Backbone specs as plain data, and what a weights value means: no torch, no download.
+"""Backbone specs as plain data, what a weights value and a partition mean: no torch.
 
 A backbone name maps to a :class:`BackboneSpec` (which library builds it, from which
 architecture, with which weights by default). This module imports no heavy library, so
@@ -8,14 +8,17 @@ builds the networks.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune_core.errors import ConfigError, check_choice
+from fedtune_core.errors import ConfigError, check_choice, check_range
 
+PARTITION_KINDS = ("iid", "dirichlet", "shards", "fewshot")
+PARTITION_FORMS = "iid, dirichlet:ALPHA, shards:K, fewshot:K"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -177,3 +180,43 @@ def _tag_quick_gelu(spec: BackboneSpec, tag: str | None) -> bool:
     import open_clip
 
     return bool(open_clip.get_pretrained_cfg(spec.arch, tag).get("quick_gelu"))
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed partition: its kind and its parameter (alpha, K, or None for iid)."""
+
+    kind: str
+    value: float | int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value}"
+
+
+def parse_partition(spec: str) -> PartitionSpec:
+    """Parse a partition string such as ``"dirichlet:0.5"``.
+
+    Args:
+        spec: One of ``iid``, ``dirichlet:ALPHA``, ``shards:K``, ``fewshot:K``.
+
+    Raises:
+        ConfigError: On an unknown kind, a missing, extra or bad value (alpha <= 0, K < 1).
+    """
+    kind, sep, arg = str(spec).strip().partition(":")
+    if kind not in PARTITION_KINDS or (kind == "iid") == bool(sep) or (sep and not arg.strip()):
+        problem = "unknown partition" if kind not in PARTITION_KINDS else "malformed partition"
+        raise ConfigError(f"{problem} {spec!r}; valid choices: {PARTITION_FORMS}")
+    if kind == "iid":
+        return PartitionSpec("iid")
+    try:
+        value = float(arg) if kind == "dirichlet" else int(arg)
+    except ValueError:
+        raise ConfigError(f"malformed partition {spec!r}; valid choices: "
+                          f"{PARTITION_FORMS}") from None
+    if kind != "dirichlet":
+        check_range(f"{kind} K", value, low=1)
+    else:
+        check_range("dirichlet alpha", value, low=0, low_open=True)
+        if not math.isfinite(value):  # nan and inf pass the range check
+            raise ConfigError(f"dirichlet alpha must be a finite number > 0, got {value!r}")
+    return PartitionSpec(kind, value)

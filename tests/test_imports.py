@@ -90,6 +90,55 @@ def test_the_ground_floor_imports_nothing_of_ours():
     assert graph["fedtune_core.errors"] == set()
 
 
+# The house: a ground floor (the top-level modules and tuning/: what a run is, and the file
+# primitives every room uses), then four rooms, each importing only the floors below it.
+ROOMS = ("fl", "proxy", "runs", "study")  # lowest first; cli.py sits above them all
+
+
+def floor(module: str) -> int:
+    """0 for the ground floor, 1..4 for the rooms in :data:`ROOMS` order, 5 for the CLI."""
+    parts = module.split(".")
+    if parts[:2] == ["fedtune_core", "cli"]:
+        return len(ROOMS) + 1
+    if len(parts) > 1 and parts[1] in ROOMS:
+        return ROOMS.index(parts[1]) + 1
+    return 0
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module by one on a lower floor (``a -> b``), sorted."""
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                  if floor(b) > floor(a))
+
+
+def test_the_floors_are_those_of_the_plan():
+    assert floor("fedtune_core.errors") == floor("fedtune_core.config") == 0
+    assert floor("fedtune_core.tuning.lora") == 0
+    assert [floor(f"fedtune_core.{r}.x") for r in ROOMS] == [1, 2, 3, 4]
+    assert floor("fedtune_core.cli") == 5
+    assert {floor(m) for m in MODULES} == set(range(len(ROOMS) + 2))  # every floor is used
+
+
+def test_imports_only_go_down_the_house():
+    """fl < proxy < runs < study < cli, over the ground floor, counting imports inside
+    functions too: the federated core never reaches up into pre-training or the records."""
+    assert upward(_graph()) == []
+
+
+def test_the_layer_check_finds_a_planted_upward_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from fedtune_core.proxy import pretrain\n"
+                       "    from fedtune_core.runs import store as s\n")
+    found = _imports("fedtune_core.fl.planted", planted)
+    assert found == {"fedtune_core.proxy.pretrain", "fedtune_core.runs.store"}
+    graph = {name: set(deps) for name, deps in _graph().items()}
+    graph["fedtune_core.fl.planted"] = found
+    graph["fedtune_core.config"].add("fedtune_core.fl.fedavg")
+    assert upward(graph) == ["fedtune_core.config -> fedtune_core.fl.fedavg",
+                             "fedtune_core.fl.planted -> fedtune_core.proxy.pretrain",
+                             "fedtune_core.fl.planted -> fedtune_core.runs.store"]
+
+
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module imported alone, before any other of ours: no order is needed.
 

@@ -24,7 +24,6 @@ from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, Diverged
 from fedtune_core.fl import data, models, partition
 from fedtune_core.fl.limits import Limits, Meter
-from fedtune_core.proxy import pretrain
 
 State = dict[str, torch.Tensor]
 
@@ -436,16 +435,17 @@ class Outcome:
 
 
 def zero_shot(model: str, dataset: str, weights: str = "auto", device: str | None = None,
-              data_root: str | None = None) -> float:
+              data_root: str | None = None, *, weights_file: str | None = None) -> float:
     """Accuracy of an untrained classifier on the global test set (CLIP: zero-shot).
 
     For CLIP models the head is built from the text embeddings of the class prompts, so
     this is CLIP's zero-shot accuracy; for ViT it is the accuracy of a random head.
+    ``weights_file``: recipe weights resolved to their checkpoint (see :func:`build_model`).
     """
     cfg = RunConfig(model=model, weights=weights, dataset=dataset, method="head")  # validates
     dev = pick_device(device)
     data_ = data.load(dataset, data_root)
-    net = pretrain.build(model, data_.class_names, weights, progress=True)
+    net = models.build(model, data_.class_names, weights_file or weights)
     return Trainer(net, [], cfg, dev).evaluate(data_.test.to(dev))[0]
 
 
@@ -493,7 +493,8 @@ def _as_validation(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
-            progress: bool = False, cache_features: bool = True) -> Outcome:
+            progress: bool = False, cache_features: bool = True,
+            weights_file: str | None = None) -> Outcome:
     """Run one configuration end to end and return its outcome.
 
     Everything random derives from ``cfg.seed``: model initialisation, the partition,
@@ -503,7 +504,8 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
     trains and ``cache_features``, the frozen encoder runs once over the training pool and
     the test set and every round trains the head on those features
     (:meth:`Trainer.to_features`); the metrics are those of the uncached path (tested to
-    1e-5 in fp32 on CPU).
+    1e-5 in fp32 on CPU). ``weights_file``: the checkpoint that recipe weights resolve to
+    (:func:`build_model`); the record still names the recipe.
 
     Raises:
         ConfigError: input that turns out bad once the data is loaded (a partition that
@@ -518,7 +520,7 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
     limits = Limits.from_env()  # set by a rehearsal (fedtune grid --rehearse)
     meter = Meter(dev) if limits else None  # from here: the run's peak memory
     dataset, parts = load_split(cfg, data_root)
-    model = build_model(cfg, dataset, progress)
+    model = build_model(cfg, dataset, weights_file)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
     as_built = Trainer(model, [], cfg, dev, limits=limits, meter=meter).evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
@@ -544,12 +546,19 @@ def load_split(cfg: RunConfig, data_root: str | None
     return dataset, parts
 
 
-def build_model(cfg: RunConfig, dataset: data.Dataset, progress: bool) -> models.Classifier:
+def build_model(cfg: RunConfig, dataset: data.Dataset,
+                weights_file: str | None = None) -> models.Classifier:
     """The run's model as built from its weights, initialised from the run's seed (the
-    same in every process that builds it), before the tuning method is applied."""
+    same in every process that builds it), before the tuning method is applied.
+
+    Recipe weights (fedtune's own pre-training) are resolved to their checkpoint before the
+    federated core builds a model: ``weights_file`` is that file
+    (:func:`fedtune_core.proxy.pretrain.weights_file`, which the runs room calls); without it
+    a recipe is refused in one line (:func:`fedtune_core.fl.models.build`).
+    """
     torch.manual_seed(cfg.seed)
-    return pretrain.build(cfg.model, dataset.class_names, cfg.weights,
-                          quick_gelu=cfg.quick_gelu, progress=progress)
+    return models.build(cfg.model, dataset.class_names, weights_file or cfg.weights,
+                        quick_gelu=cfg.quick_gelu)
 
 
 def outcome(cfg: RunConfig, trainer: Trainer, rows: list[dict], final: dict[str, Any],

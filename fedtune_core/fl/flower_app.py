@@ -31,7 +31,14 @@ from fedtune_core import tuning
 from fedtune_core.config import RunConfig
 from fedtune_core.fl import data, flower_server
 from fedtune_core.fl import fedavg as fl
-from fedtune_core.fl.flower_server import CACHE_FEATURES, CONFIG, DATA_DIR, DEFAULTS, DEVICE
+from fedtune_core.fl.flower_server import (
+    CACHE_FEATURES,
+    CONFIG,
+    DATA_DIR,
+    DEFAULTS,
+    DEVICE,
+    WEIGHTS,
+)
 
 
 def settings_of(cfg: RunConfig, **values: Any) -> dict[str, Any]:
@@ -80,10 +87,16 @@ class ClientSide:
 
 
 _SIDE: dict[tuple, ClientSide] = {}  # this process's model: one run at a time
+Resolve = Callable[[RunConfig], "str | None"]  # a config's recipe weights -> checkpoint file
 
 
-def client_side(settings: Mapping[str, Any]) -> ClientSide:
-    """This process's :class:`ClientSide` for the run ``settings`` describe (built once)."""
+def client_side(settings: Mapping[str, Any], resolve: Resolve | None = None) -> ClientSide:
+    """This process's :class:`ClientSide` for the run ``settings`` describe (built once).
+
+    The model is built from ``settings[WEIGHTS]`` where the settings carry it, else from the
+    file ``resolve(cfg)`` names (a deployment's node: recipe weights), else from the
+    config's weights.
+    """
     cfg = config_of(settings)
     key = (cfg.hash, settings.get(DEVICE), settings.get(DATA_DIR))
     if key not in _SIDE:
@@ -91,7 +104,8 @@ def client_side(settings: Mapping[str, Any]) -> ClientSide:
         fl.set_cpu_threads()
         dev = fl.pick_device(settings.get(DEVICE, "auto"))
         dataset, parts = fl.load_split(cfg, settings.get(DATA_DIR) or None)
-        model = fl.build_model(cfg, dataset, progress=False)
+        path = settings.get(WEIGHTS) or (resolve(cfg) if resolve else None)
+        model = fl.build_model(cfg, dataset, path)
         names = tuning.prepare(model, cfg.method, cfg.method_options)
         _SIDE[key] = ClientSide(cfg, fl.Trainer(model, names, cfg, dev), dataset,
                                 fl.client_indices(cfg, parts),
@@ -103,13 +117,14 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def client_app_for(settings: Mapping[str, Any] | None = None) -> ClientApp:
+def client_app_for(settings: Mapping[str, Any] | None = None,
+                   resolve: Resolve | None = None) -> ClientApp:
     """A ClientApp running fedtune's client step; ``settings`` (None: each run's own run
-    config, as under ``flwr run``) say which run."""
+    config, as under ``flwr run``) say which run; ``resolve`` as in :func:`client_side`."""
     app = ClientApp()
 
     def side(context: Context) -> ClientSide:
-        return client_side(settings if settings is not None else context.run_config)
+        return client_side(settings if settings is not None else context.run_config, resolve)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -145,13 +160,14 @@ def server_app_for(main: Callable[[Grid, Context], None]) -> ServerApp:
 
 
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
-            progress: bool = False, cache_features: bool = True) -> fl.Outcome:
+            progress: bool = False, cache_features: bool = True,
+            weights_file: str | None = None) -> fl.Outcome:
     """Run ``cfg`` through Flower's simulation engine (one virtual SuperNode per client);
     what :func:`fedtune_core.fl.fedavg.execute` returns for ``engine = "flower"``."""
     from flwr.simulation import run_simulation
 
     settings = settings_of(cfg, **{DEVICE: device or "auto", DATA_DIR: data_root or "",
-                                   CACHE_FEATURES: cache_features})
+                                   CACHE_FEATURES: cache_features, WEIGHTS: weights_file or ""})
     done: dict[str, Any] = {}
 
     def main(grid: Grid, context: Context) -> None:

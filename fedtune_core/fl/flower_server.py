@@ -26,6 +26,9 @@ from fedtune_core.fl import fedavg as fl
 # keys of a Flower run config (``flwr run --run-config``) that fedtune reads
 CONFIG, RESULTS, DEVICE, DATA_DIR = "fedtune-config", "results", "device", "data-dir"
 CACHE_FEATURES, REPLY_TIMEOUT, NODE_TIMEOUT = "cache-features", "reply-timeout", "node-timeout"
+# the checkpoint file recipe weights resolve to, set by whoever starts the run (not a key of
+# the app's run config: a deployment's nodes resolve it themselves, see client_app_for)
+WEIGHTS = "weights-file"
 DEFAULTS: dict[str, Any] = {RESULTS: "results/flower", DEVICE: "auto", DATA_DIR: "",
                             CACHE_FEATURES: True, REPLY_TIMEOUT: 3600.0, NODE_TIMEOUT: 600.0}
 
@@ -49,7 +52,7 @@ def serve(grid: Grid, cfg: RunConfig, settings: Mapping[str, Any]) -> fl.Outcome
     """
     dev = fl.pick_device(settings.get(DEVICE, "auto"))
     dataset, parts = fl.load_split(cfg, settings.get(DATA_DIR) or None)
-    model = fl.build_model(cfg, dataset, progress=False)
+    model = fl.build_model(cfg, dataset, settings.get(WEIGHTS) or None)
     if cfg.val_fraction:
         held = [b for _, b in fl.client_indices(cfg, parts)]
         evaluation = dataset.train.subset(np.concatenate(held)).to(dev)

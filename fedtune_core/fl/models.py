@@ -101,7 +101,8 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
         model: a name in :data:`BACKBONES`.
         class_names: the dataset's classes, in label order (CLIP's head is built from them).
         weights: ``auto``, ``none``, a hub tag, or a local checkpoint file. Recipe weights
-            (the tiny models' ``auto``) are built by :func:`fedtune_core.proxy.pretrain.build`.
+            (the tiny models' ``auto``) are first resolved to their checkpoint file by
+            :func:`fedtune_core.proxy.pretrain.weights_file`.
         text_head: CLIP only: initialise the head from the text embeddings of the class
             prompts (zero-shot head). False leaves a random head (parameter counting).
         quick_gelu: CLIP only: True/False forces the activation; None (auto) follows the
@@ -112,10 +113,10 @@ def build(model: str, class_names: Sequence[str], weights: str = "auto",
     """
     kind, source = resolve_weights(model, weights)
     if kind == "recipe":
-        raise ConfigError(f"weights {source!r} of {model} are fedtune's own pre-training: build "
-                          "the model with fedtune_core.proxy.pretrain.build (runs do), or pass the "
-                          f"checkpoint file that `fedtune pretrain --model {model} --recipe "
-                          f"{source}` prints")
+        raise ConfigError(f"weights {source!r} of {model} are fedtune's own pre-training: "
+                          "resolve them with fedtune_core.proxy.pretrain.weights_file (runs "
+                          "do), or pass the checkpoint file that `fedtune pretrain --model "
+                          f"{model} --recipe {source}` prints")
     quick, _ = resolve_quick_gelu(model, weights, quick_gelu)  # a contradiction stops here
     spec = BACKBONES[model]
     builder = _BUILDERS[spec.family]

@@ -6,34 +6,24 @@ classes per client), ``fewshot:K`` (K images of every class per client).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedtune_core import specs
 from fedtune_core.errors import ConfigError, check_range
+from fedtune_core.specs import PartitionSpec
 
 if TYPE_CHECKING:
     import pandas
 
-KINDS = ("iid", "dirichlet", "shards", "fewshot")
-FORMS = "iid, dirichlet:ALPHA, shards:K, fewshot:K"
+# partitions are parsed on the ground floor (specs), so a config validates without numpy
+parse, KINDS, FORMS = specs.parse_partition, specs.PARTITION_KINDS, specs.PARTITION_FORMS
 MIN_SIZE = 2  # a client needs a train and a test sample
 MAX_TRIES = 100  # dirichlet draws before giving up
 Rng = np.random.Generator
 Idx = list[np.ndarray]  # one index array per client or class
-
-
-@dataclass(frozen=True)
-class PartitionSpec:
-    """A parsed partition: its kind and its parameter (alpha, K, or None for iid)."""
-
-    kind: str
-    value: float | int | None = None
-
-    def __str__(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value}"
 
 
 @dataclass
@@ -42,34 +32,6 @@ class ClientSplit:
 
     train: list[np.ndarray]
     test: list[np.ndarray]
-
-
-def parse(spec: str) -> PartitionSpec:
-    """Parse a partition string such as ``"dirichlet:0.5"``.
-
-    Args:
-        spec: One of ``iid``, ``dirichlet:ALPHA``, ``shards:K``, ``fewshot:K``.
-
-    Raises:
-        ConfigError: On an unknown kind, a missing, extra or bad value (alpha <= 0, K < 1).
-    """
-    kind, sep, arg = str(spec).strip().partition(":")
-    if kind not in KINDS or (kind == "iid") == bool(sep) or (sep and not arg.strip()):
-        problem = "unknown partition" if kind not in KINDS else "malformed partition"
-        raise ConfigError(f"{problem} {spec!r}; valid choices: {FORMS}")
-    if kind == "iid":
-        return PartitionSpec("iid")
-    try:
-        value = float(arg) if kind == "dirichlet" else int(arg)
-    except ValueError:
-        raise ConfigError(f"malformed partition {spec!r}; valid choices: {FORMS}") from None
-    if kind != "dirichlet":
-        check_range(f"{kind} K", value, low=1)
-    else:
-        check_range("dirichlet alpha", value, low=0, low_open=True)
-        if not math.isfinite(value):  # nan and inf pass the range check
-            raise ConfigError(f"dirichlet alpha must be a finite number > 0, got {value!r}")
-    return PartitionSpec(kind, value)
 
 
 def _by_class(labels: np.ndarray, classes: int, rng: Rng) -> Idx:

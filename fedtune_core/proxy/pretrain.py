@@ -31,17 +31,29 @@ from fedtune_core.proxy import glyphs, objectives, probe
 from fedtune_core.recipes import Recipe
 
 
+def weights_file(model: str, weights: str, *, progress: bool = False) -> str | None:
+    """The checkpoint file that recipe weights (the tiny models' ``auto``) name, built on
+    first use (a progress bar if ``progress``); None for any other weights value, which
+    :func:`models.build` takes as it is. What a run hands the federated core, so that
+    ``fl/`` loads a recipe's checkpoint through the same path as a user's file.
+
+    Raises:
+        ConfigError: a ``<recipe>@<hash>`` whose recipe has changed since.
+    """
+    kind, name = models.resolve_weights(model, weights)
+    if kind != "recipe":
+        return None
+    recipes.check_run_weights(model, weights)
+    return ensure(model, name, progress=progress)["path"]
+
+
 def build(model: str, class_names: Sequence[str], weights: str = "auto", *,
           quick_gelu: bool | None = None, text_head: bool = True,
           progress: bool = False) -> models.Classifier:
-    """:func:`models.build` that also takes recipe weights (the tiny models' ``auto``): their
-    checkpoint is built on first use (a progress bar if ``progress``) and loaded from its
-    file, through the same loading path as a user's checkpoint file."""
-    kind, name = models.resolve_weights(model, weights)
-    if kind == "recipe":
-        recipes.check_run_weights(model, weights)
-        weights = ensure(model, name, progress=progress)["path"]
-    return models.build(model, class_names, weights, text_head=text_head, quick_gelu=quick_gelu)
+    """:func:`models.build` that also takes recipe weights (:func:`weights_file`)."""
+    path = weights_file(model, weights, progress=progress)
+    return models.build(model, class_names, path or weights, text_head=text_head,
+                        quick_gelu=quick_gelu)
 
 
 def ensure(model: str, name: str, recipe: Recipe | None = None, *, force: bool = False,

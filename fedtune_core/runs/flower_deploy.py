@@ -13,8 +13,14 @@ from flwr.serverapp import Grid
 
 from fedtune_core.fl import flower_server
 from fedtune_core.fl.flower_app import client_app_for, config_of, server_app_for
-from fedtune_core.fl.flower_server import DEFAULTS, RESULTS
+from fedtune_core.fl.flower_server import DEFAULTS, RESULTS, WEIGHTS
+from fedtune_core.proxy import pretrain
 from fedtune_core.runs import records as results
+
+
+def _weights(cfg) -> str | None:
+    """The checkpoint a config's recipe weights name, on this node (built on first use)."""
+    return pretrain.weights_file(cfg.model, cfg.weights)
 
 
 def _deployed(grid: Grid, context: Context) -> None:
@@ -22,10 +28,10 @@ def _deployed(grid: Grid, context: Context) -> None:
     settings = DEFAULTS | dict(context.run_config)
     cfg = config_of(settings)
     record = results.run(cfg, settings[RESULTS], progress=False, execute=lambda c: (
-        flower_server.serve(grid, c, settings)))
+        flower_server.serve(grid, c, settings | {WEIGHTS: _weights(c) or ""})))
     path = results.record_path(settings[RESULTS], cfg)
     print(f"fedtune: {record['status']} record {path}", flush=True)
 
 
-client_app = client_app_for()  # each run's settings from its own run config
+client_app = client_app_for(resolve=_weights)  # each run's settings from its run config
 server_app = server_app_for(_deployed)

@@ -254,25 +254,27 @@ def compute(cfg: RunConfig, *, device: str | None = None, data_root: str | None 
 
 def _engine(cfg: RunConfig, device: str | None, data_root: str | None,
             progress: bool) -> Callable[[RunConfig], Any]:
-    """What computes ``cfg``'s outcome: the built-in loop, or Flower's simulation engine.
+    """What computes ``cfg``'s outcome: the built-in loop, or Flower's simulation engine,
+    handed the checkpoint file that recipe weights resolve to (built on first use), so the
+    federated core never reaches up into pre-training.
 
     Raises:
         ConfigError: engine ``flower`` without Flower installed.
     """
     from fedtune_core.errors import ConfigError
+    from fedtune_core.proxy import pretrain
 
     if cfg.engine == "builtin":
-        from fedtune_core.fl import fedavg as fl
-
-        return functools.partial(fl.execute, device=device, data_root=data_root,
-                                 progress=progress)
-    if importlib.util.find_spec("flwr") is None:
+        from fedtune_core.fl import fedavg as engine
+    elif importlib.util.find_spec("flwr") is None:
         raise ConfigError(f"engine {cfg.engine!r} needs Flower, which is not installed here: "
                           "pip install -e '.[flower]' (or use engine 'builtin')")
-    from fedtune_core.fl import flower_app  # the optional extra: imported only when asked
+    else:
+        from fedtune_core.fl import flower_app as engine  # the optional extra: when asked
 
-    return functools.partial(flower_app.execute, device=device, data_root=data_root,
-                             progress=progress)
+    path = pretrain.weights_file(cfg.model, cfg.weights, progress=progress)
+    return functools.partial(engine.execute, device=device, data_root=data_root,
+                             progress=progress, weights_file=path)
 
 
 def failed_record(cfg: RunConfig, error: str, seconds: float | None = None) -> dict:
