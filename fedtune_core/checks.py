@@ -198,10 +198,10 @@ def max_runs() -> int:
 
 def check_environment() -> None:
     """The environment variables fedtune reads, checked in microseconds (one line each)."""
-    from fedtune_core import cache
+    from fedtune_core import lock
 
     threads()
-    cache.lock_wait()
+    lock.lock_wait()
     max_runs()
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune_core import cache
+from fedtune_core import files
 from fedtune_core.errors import ConfigError, check_choice
 from fedtune_core.specs import BACKBONES, BackboneSpec, check_weights, resolve_weights
 
@@ -98,11 +98,6 @@ def named(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def with_recipe(name: str, **changes: Any) -> Recipe:
-    """A copy of recipe ``name`` with some settings changed (e.g. a seconds-long one)."""
-    return replace(named(name), **changes)
-
-
 def arch_config(spec: BackboneSpec) -> dict[str, Any]:
     """The architecture as data: our open_clip JSON config, or timm's name and overrides."""
     if spec.family == "open_clip":
@@ -120,7 +115,7 @@ def recipe_hash(model: str, recipe: Recipe) -> str:
 def checkpoint_path(model: str, name: str, recipe: Recipe | None = None) -> Path:
     """Where the checkpoint of ``model`` pre-trained with recipe ``name`` lives."""
     recipe = recipe or named(name)
-    return cache.cache_dir() / "pretrained" / f"{model}-{name}-{recipe_hash(model, recipe)}.pt"
+    return files.cache_dir() / "pretrained" / f"{model}-{name}-{recipe_hash(model, recipe)}.pt"
 
 
 def cached(model: str, name: str, recipe: Recipe | None = None) -> dict | None:

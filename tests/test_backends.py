@@ -174,8 +174,8 @@ def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, 
     # holds the lock until the grid has written the other three records, then 5 s more
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from fedtune_core import store\n"
-         "with store.RunLock(sys.argv[1]) as lock:\n    print(lock.held, flush=True)\n"
+         "from fedtune_core.runs import store\n"
+         "with store.run_lock(sys.argv[1]) as lock:\n    print(lock.held, flush=True)\n"
          "    while len(list(Path(sys.argv[1]).parent.glob('*.json'))) < 3:\n"
          "        time.sleep(0.05)\n    time.sleep(5)",
          str(results.record_path(out, held))], stdout=subprocess.PIPE, text=True)

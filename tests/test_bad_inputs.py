@@ -376,7 +376,7 @@ def test_invalid_record_is_named_once_and_counts_as_missing(content, words, tmp_
     assert results.kept(tmp_path, cfg) == record, "the untouched record is valid"
     text = content if isinstance(content, str) else json.dumps(content(record))
     path.write_text(text)
-    assert results.cached(tmp_path, cfg) is None and results.kept(tmp_path, cfg) is None
+    assert results.kept(tmp_path, cfg) is None and results.kept(tmp_path, cfg) is None
     assert results.load_records(tmp_path, status=None) == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and words in err[0], err

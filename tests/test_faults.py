@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import TINY, _files, _refused, _tiny_profile
 
-from fedtune_core import cache, cli
+from fedtune_core import cli, lock
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import fedavg as fl
 from fedtune_core.runs import records as results
@@ -74,7 +74,7 @@ def test_a_read_only_cache_is_one_line_and_no_failed_record(run_cli, tmp_path, m
     cache_dir = tmp_path / "cache"
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache_dir))
 
-    class ReadOnly:  # os as the cache sees it, on a file system mounted read-only
+    class ReadOnly:  # os as the lock sees it, on a file system mounted read-only
         def __getattr__(self, name: str):
             return getattr(os, name)
 
@@ -83,7 +83,7 @@ def test_a_read_only_cache_is_one_line_and_no_failed_record(run_cli, tmp_path, m
                 raise OSError(errno.EROFS, "Read-only file system")
             return os.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(cache, "os", ReadOnly())
+    monkeypatch.setattr(lock, "os", ReadOnly())
     out = tmp_path / "res"
     argv = list(TINY)
     argv[argv.index("--weights") + 1] = "glyphs-weak"
@@ -160,8 +160,8 @@ def test_a_lock_held_by_a_live_process_ends_in_one_line(run_cli, tmp_path, monke
     ready = tmp_path / "ready"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, pathlib\nfrom fedtune_core import store\n"
-         "with store.RunLock(sys.argv[1]) as lock:\n"
+         "import sys, pathlib\nfrom fedtune_core.runs import store\n"
+         "with store.run_lock(sys.argv[1]) as lock:\n"
          "    pathlib.Path(sys.argv[2]).write_text('held')\n"
          "    sys.stdin.read()\n", str(record), str(ready)],
         stdin=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ the process's log, not to the cells.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -20,28 +21,27 @@ import pytest
 from test_bad_inputs import TINY, _tiny_profile
 from test_faults import _wait_for
 
-from fedtune_core import cli, recipes
+from fedtune_core import cli, files, recipes
 from fedtune_core.errors import diagnostics
 from fedtune_core.proxy import glyphs, pretrain, probe
 from fedtune_core.runs import records as results
-from fedtune_core.runs import store
 from fedtune_core.study import grid, report
 
 GRID_BASE = 'weights = "none"\npartition = "iid"\nclients = 2\nsample = 2\nbatch_size = 64'
-SHORT = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=300, seed=21),
-                            holdout=30, steps=3, batch_size=16, warmup=1)
+SHORT = dataclasses.replace(
+    recipes.named("glyphs-weak"), corpus=glyphs.CorpusConfig(size=300, seed=21),
+    holdout=30, steps=3, batch_size=16, warmup=1)
 
 # a writer stopped inside its write: staged (checkpoints, corpora) or write_text (records)
 _WRITER = """
 import os, sys, pathlib
-from fedtune_core import cache
-from fedtune_core.runs import records as results
+from fedtune_core import files
 path, ready = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 def hang(fd):
     ready.write_text("writing")
     sys.stdin.read()
 if sys.argv[3] == "staged":
-    with cache.staged(path) as tmp:
+    with files.staged(path) as tmp:
         tmp.write_bytes(b"half a file " * 1000)
         hang(None)
 else:
@@ -49,8 +49,8 @@ else:
         def __getattr__(self, name):
             return getattr(os, name)
         fsync = staticmethod(hang)
-    results.os = Hanging()
-    results.write_text(path, "{}" * 1000)
+    files.os = Hanging()
+    files.write_text(path, "{}" * 1000)
 """
 
 
@@ -93,16 +93,16 @@ def test_a_checkpoint_write_killed_is_cleaned_by_the_next_call(tmp_path, monkeyp
 
 def test_a_corpus_write_killed_is_cleaned_by_the_next_load(tmp_path):
     cfg = glyphs.CorpusConfig(size=94, seed=22)
-    folder = glyphs.cache.cache_dir() / "corpus"
+    folder = files.cache_dir() / "corpus"
     _killed_writer(folder / f"glyphs-{cfg.hash}-images.npy", "staged", tmp_path)
     x, y = glyphs.load(cfg)
     assert x.shape[0] == 94 and not list(folder.glob(".*.tmp"))
 
 
 def test_a_live_writers_temp_file_is_left_alone(tmp_path):
-    live = tmp_path / f".x.json.{store.host()}.{os.getpid()}.abc.tmp"
+    live = tmp_path / f".x.json.{files.host()}.{os.getpid()}.abc.tmp"
     live.write_text("being written")
-    assert glyphs.cache.clean_temps(tmp_path) == 0 and live.exists()
+    assert files.clean_temps(tmp_path) == 0 and live.exists()
 
 
 # ---------------------------------------------------------------- partial results

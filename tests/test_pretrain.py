@@ -24,8 +24,9 @@ from fedtune_core.runs import records as results
 
 MODELS = ["vit-tiny", "clip-tiny"]
 # seconds long: 3,000 images, 40 steps of 32 (nothing much is learnt; enough to test the plumbing)
-QUICK = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=3000, seed=1),
-                             holdout=200, steps=40, batch_size=32, warmup=5)
+QUICK = dataclasses.replace(
+    recipes.named("glyphs-weak"), corpus=glyphs.CorpusConfig(size=3000, seed=1),
+    holdout=200, steps=40, batch_size=32, warmup=5)
 
 
 @pytest.fixture
@@ -117,8 +118,9 @@ def test_pretraining_is_deterministic_and_the_checkpoint_loads_like_a_user_file(
 def test_seconds_of_pretraining_beat_random_init_on_a_digits_probe():
     # 500 steps of 128 on 20,000 images (~15 s): the ViT's frozen features already probe
     # digits better than random ones (a hundred steps fewer and they do not yet)
-    recipe = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=20_000, seed=1),
-                                  holdout=500, steps=500, batch_size=128, warmup=50)
+    recipe = dataclasses.replace(
+        recipes.named("glyphs-weak"), corpus=glyphs.CorpusConfig(size=20_000, seed=1),
+        holdout=500, steps=500, batch_size=128, warmup=50)
     meta = pretrain.ensure("vit-tiny", "glyphs-weak", recipe)
     random_init = probe.proxy_quality("vit-tiny", "none")
     assert meta["probe_val_acc"] > random_init["probe_val_acc"] + 0.03

@@ -64,7 +64,7 @@ def test_run_writes_one_complete_record(tmp_results, tiny_config, count_execute)
 
     on_disk = json.loads(path.read_text())
     assert on_disk == record
-    assert results.cached(tmp_results, cfg) == record
+    assert results.kept(tmp_results, cfg) == record
     assert RunConfig.from_dict(on_disk["config"]).hash == cfg.hash
 
 
@@ -106,7 +106,7 @@ def test_failed_run_is_recorded_and_retried(tmp_results, tiny_config, monkeypatc
     assert record["rounds"] == [] and record["final"] == {}
     path = results.record_path(tmp_results, cfg)
     assert json.loads(path.read_text())["status"] == "failed"
-    assert results.cached(tmp_results, cfg) is None
+    assert results.kept(tmp_results, cfg) is None
 
     results.run(cfg, tmp_results, device="cpu")  # not a cache hit: runs again
     assert len(calls) == 2
@@ -145,9 +145,9 @@ def test_unreadable_record_is_not_a_cache_hit(tmp_results, tiny_config):
     path.parent.mkdir(parents=True)
     path.write_text('{"status": "ok", "schema": 1, "trunc')
     assert results.read_record(path) is None
-    assert results.cached(tmp_results, cfg) is None
+    assert results.kept(tmp_results, cfg) is None
     path.write_text(json.dumps({"status": "ok", "schema": results.SCHEMA + 1}))
-    assert results.cached(tmp_results, cfg) is None, "a record of another schema is stale"
+    assert results.kept(tmp_results, cfg) is None, "a record of another schema is stale"
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -19,8 +19,9 @@ import torch
 from fedtune_core import recipes
 from fedtune_core.proxy import glyphs, pretrain, probe
 
-SHORT = recipes.with_recipe("glyphs-weak", corpus=glyphs.CorpusConfig(size=600, seed=5),
-                            holdout=60, steps=12, batch_size=32, warmup=3)
+SHORT = dataclasses.replace(
+    recipes.named("glyphs-weak"), corpus=glyphs.CorpusConfig(size=600, seed=5),
+    holdout=60, steps=12, batch_size=32, warmup=3)
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_pretraining_pins_its_threads_while_it_runs(threads, monkeypatch):
 
 
 def _corpus_files(cfg: glyphs.CorpusConfig) -> tuple[Path, Path, Path]:
-    stem = glyphs.cache.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
+    stem = glyphs.files.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
     return Path(f"{stem}-images.npy"), Path(f"{stem}-labels.npy"), Path(f"{stem}.json")
 
 

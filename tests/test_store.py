@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import fedavg as fl
@@ -85,11 +86,11 @@ def test_kill_during_record_writes_leaves_no_half_record_and_the_next_call_clean
         assert list(path.parent.glob(".*.tmp")) == []
     assert left >= 1, "the stalled writer must have left its temp file"
     # a run call (here a cache hit) cleans up as well: a dead writer's file, and an old one
-    dead = path.parent / f".{path.name}.{store.host()}.999999999.abcd1234.tmp"
+    dead = path.parent / f".{path.name}.{files.host()}.999999999.abcd1234.tmp"
     dead.write_text("{")
     old = path.parent / f".{path.name}.abcd1234.tmp"
     old.write_text("{")
-    os.utime(old, (time.time() - 2 * store.STALE_SECONDS,) * 2)
+    os.utime(old, (time.time() - 2 * files.STALE_SECONDS,) * 2)
     results.write_json(path, record)
     assert results.run(cfg, folder) == record
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
@@ -111,7 +112,7 @@ HOLDER = """
 import json, sys, time
 from fedtune_core.runs import records as results, store
 path = {path!r}
-with store.RunLock(path) as lock:
+with store.run_lock(path) as lock:
     print("locked", flush=True)
     time.sleep({hold})
     if {write}:

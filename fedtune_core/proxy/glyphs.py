@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedtune_core import cache
+from fedtune_core import files
 from fedtune_core.fl.data import DIGIT_NAMES, Split
+from fedtune_core.lock import Lock
 from fedtune_core.recipes import CLASSES, FONTS, CorpusConfig
 
 __all__ = ["CLASSES", "FONTS", "CorpusConfig", "class_name", "generate", "glyph_bank", "load",
@@ -223,21 +224,21 @@ def load(cfg: CorpusConfig, progress: bool = False) -> tuple[np.ndarray, np.ndar
     match its sidecar (or of the wrong shape) is never used: it is generated again. Temp
     files of a writer that was killed are removed by the next call.
     """
-    stem = cache.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
+    stem = files.cache_dir() / "corpus" / f"glyphs-{cfg.hash}"
     paths = Path(f"{stem}-images.npy"), Path(f"{stem}-labels.npy")
     sidecar = Path(f"{stem}.json")
-    cache.clean_temps(sidecar.parent)  # what a killed writer left (only dead writers' files)
+    files.clean_temps(sidecar.parent)  # what a killed writer left (only dead writers' files)
     if (found := _read(cfg, *paths, sidecar)) is not None:
         return found
-    with cache.lock(Path(f"{stem}.lock")):
+    with Lock(Path(f"{stem}.lock")):
         if (found := _read(cfg, *paths, sidecar)) is None:
             split = generate(cfg, progress)
             digests = {}
             for path, array in zip(paths[::-1], (split.labels, split.images), strict=True):
-                with cache.staged(path, array.numpy().nbytes) as tmp, open(tmp, "wb") as f:
+                with files.staged(path, array.numpy().nbytes) as tmp, open(tmp, "wb") as f:
                     np.save(f, array.numpy())
                 digests[path.name] = _sha256(path)
-            with cache.staged(sidecar) as tmp:
+            with files.staged(sidecar) as tmp:
                 tmp.write_text(json.dumps({"corpus": cfg.hash, "sha256": digests}, indent=1))
             found = _read(cfg, *paths, sidecar)
     return found

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtune_core import cache, recipes
+from fedtune_core import files, recipes
 from fedtune_core.errors import check_choice
 from fedtune_core.fl import models
+from fedtune_core.lock import Lock
 from fedtune_core.proxy import glyphs, objectives, probe
 from fedtune_core.recipes import Recipe
 
@@ -70,10 +71,10 @@ def ensure(model: str, name: str, recipe: Recipe | None = None, *, force: bool =
     check_choice(f"pre-training recipe for {model}", name, models.BACKBONES[model].recipes)
     recipe = recipe or recipes.named(name)
     path = recipes.checkpoint_path(model, name, recipe)
-    cache.clean_temps(path.parent)  # what a killed builder left (only dead writers' files)
+    files.clean_temps(path.parent)  # what a killed builder left (only dead writers' files)
     if not force and (meta := recipes.cached(model, name, recipe)):
         return meta
-    with cache.lock(path.with_suffix(".lock")):
+    with Lock(path.with_suffix(".lock")):
         if not force and (meta := recipes.cached(model, name, recipe)):
             return meta  # another process built it while we waited
         with glyphs.pinned_threads():  # the same bytes whatever the machine's threads
@@ -113,7 +114,7 @@ def _build(model: str, name: str, recipe: Recipe, path: Path, progress: bool,
     objective, metrics = train(model, recipe, images, labels, progress, position)
     buffer = io.BytesIO()  # not the file itself: torch would name the archive after it
     torch.save(objective.state_dict(), buffer)
-    with cache.staged(path, len(buffer.getvalue())) as tmp:
+    with files.staged(path, len(buffer.getvalue())) as tmp:
         tmp.write_bytes(buffer.getvalue())  # the same weights are the same bytes
         quality = probe.proxy_quality(model, tmp)
     meta = {"model": model, "recipe": name, "hash": recipes.recipe_hash(model, recipe),
@@ -121,7 +122,7 @@ def _build(model: str, name: str, recipe: Recipe, path: Path, progress: bool,
             "image_passes": recipe.steps * recipe.batch_size, **metrics, **quality,
             "seconds": time.perf_counter() - t0, "torch": torch.__version__,
             "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    with cache.staged(path.with_suffix(".json")) as tmp:
+    with files.staged(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     return meta
 

@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -28,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedtune_core import cache
+from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import Diverged
 from fedtune_core.runs import store
@@ -43,48 +42,10 @@ def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
     return Path(results) / "runs" / f"{cfg.hash}.json"
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically: a temporary file in the same folder, fsync, then a rename.
-
-    Raises:
-        Fault: the file system refused it (full: the message says how many bytes were
-            needed), or a folder, pipe or device stands at ``path``; nothing is left behind.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        if os.path.lexists(path) and not path.is_file() or path.is_symlink():
-            raise cache.not_regular(path, "file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=store.tmp_prefix(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # what open() would give (0644 usually)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        _unlink(tmp)
-        raise cache.write_fault(err, path, len(text.encode())) from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(tmp: str | None) -> None:
-    if tmp is not None:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Serialise ``payload`` first, then write it atomically (see :func:`write_text`)."""
-    write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=_plain))
+    """Serialise ``payload`` first, then write it atomically
+    (:func:`fedtune_core.files.write_text`)."""
+    files.write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=_plain))
 
 
 def _finite(value: Any) -> Any:
@@ -131,12 +92,6 @@ def read_record(path: str | os.PathLike, warn: bool = True) -> dict | None:
     if warn:
         store.warn_once(path, why)
     return None
-
-
-def cached(results: str | os.PathLike, cfg: RunConfig, warn: bool = True) -> dict | None:
-    """The finished (status ok) record of ``cfg``, if there is one."""
-    rec = read_record(record_path(results, cfg), warn)
-    return rec if rec and rec["status"] == "ok" else None
 
 
 def kept(results: str | os.PathLike, cfg: RunConfig, *, retry_failed: bool = False,
@@ -211,7 +166,7 @@ def run(cfg: RunConfig, results: str | os.PathLike, *, device: str | None = None
     store.check_record_path(path)  # before computing: a result that cannot be kept is not made
     if not force and (hit := kept(results, cfg, retry_failed=retry_failed)):
         return hit
-    with store.RunLock(path, wait=wait) as lock:
+    with store.run_lock(path, wait=wait) as lock:
         if not lock.held:
             return None
         if not force and (hit := kept(results, cfg, retry_failed=retry_failed, warn=False)):

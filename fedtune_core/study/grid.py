@@ -198,7 +198,7 @@ class _Claims:
         if self.fault is not None:
             return False
 
-        lock = store.RunLock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
+        lock = store.run_lock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
         if not lock.held:
             self.busy.append(cfg)
             return False

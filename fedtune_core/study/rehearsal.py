@@ -80,7 +80,7 @@ def prepare(profile: Profile, folder: str | os.PathLike, data_root: str | None,
         write_stand_in(name, folder / "data", data.data_dir(data_root),
                        _fewshot_k(profile, name), batch_size)
     path = folder / f"{folder.name}.toml"
-    from fedtune_core.runs.records import write_text
+    from fedtune_core.files import write_text
 
     write_text(path, to_toml(raw))
     return load_profile(path)

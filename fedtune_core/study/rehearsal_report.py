@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import check_int
 from fedtune_core.fl import partition
@@ -179,7 +180,7 @@ def cmd_rehearse(args, source: Profile) -> int:
     where = f"{device.type} ({_hardware(device)})"
     text = "\n\n".join([shape_table(table, where), cost_table(source, table, where,
                                                                args.data_dir)])
-    res.write_text(Path(folder, "rehearsal.txt"), text + "\n")
+    files.write_text(Path(folder, "rehearsal.txt"), text + "\n")
     print(text)
     bad = [r for r in table if r.status != "ok"]
     for r in bad:

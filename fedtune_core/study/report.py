@@ -16,6 +16,7 @@ import mistune
 import pandas as pd
 from markupsafe import Markup
 
+from fedtune_core import files
 from fedtune_core.fl import models
 from fedtune_core.runs import records as results
 from fedtune_core.study import plots, verdicts
@@ -327,7 +328,7 @@ def write_index(folder: str | os.PathLike, profile: Profile, table: pd.DataFrame
         tally=_tally(table), rules=markdown_html(verdicts.RULES),
         figures=_figures(folder, {r["name"] for r in reports}))
     path = folder / "index.html"
-    results.write_text(path, page)
+    files.write_text(path, page)
     return path
 
 
