@@ -89,16 +89,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config_from(args)  # validated without torch: bad input answers at once
     check_results_folder(args.results)
     from fedtune_core.fl import fedavg as fl
-    from fedtune_core.runs import records as results
+    from fedtune_core.runs import claims, store
 
     fl.set_cpu_threads()
     fl.pick_device(args.device)
-    kept = not args.force and results.kept(args.results, cfg, retry_failed=args.retry_failed,
+    kept = not args.force and store.kept(args.results, cfg, retry_failed=args.retry_failed,
                                            warn=False)
-    record = results.run(cfg, args.results, device=args.device, data_root=args.data_dir,
+    record = claims.run(cfg, args.results, device=args.device, data_root=args.data_dir,
                          progress=not args.quiet, force=args.force,
                          retry_failed=args.retry_failed)
-    print(results.record_path(args.results, cfg))
+    print(store.record_path(args.results, cfg))
     if record["status"] != "ok":
         hint = " (recorded earlier: --retry-failed or --force runs it again)" if kept else ""
         print(f"fedtune: run failed: {record['error']}{hint}", file=sys.stderr)

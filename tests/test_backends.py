@@ -165,7 +165,6 @@ def test_a_bad_gpus_per_run_in_a_profile_fails_at_load(tmp_path):
 
 
 def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd):
-    from fedtune_core.runs import records as results
     from fedtune_core.runs import store
 
     profile = grid.load_profile(_profile(tmp_path, [0]))
@@ -178,7 +177,7 @@ def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, 
          "with store.run_lock(sys.argv[1]) as lock:\n    print(lock.held, flush=True)\n"
          "    while len(list(Path(sys.argv[1]).parent.glob('*.json'))) < 3:\n"
          "        time.sleep(0.05)\n    time.sleep(5)",
-         str(results.record_path(out, held))], stdout=subprocess.PIPE, text=True)
+         str(store.record_path(out, held))], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "True"
     try:
         records = grid.ensure(profile, out, jobs=2, progress=False, device="cpu")

@@ -18,7 +18,7 @@ import torch
 from fedtune_core import cli
 from fedtune_core.config import RunConfig
 from fedtune_core.fl import fedavg as fl
-from fedtune_core.runs import records as results
+from fedtune_core.runs import claims, store
 from fedtune_core.study import grid, report
 
 # the smallest run that still does everything: 2 clients, 1 round, tiny ViT on digits
@@ -308,8 +308,8 @@ def test_diverged_run_is_a_failed_record_kept_until_asked(run_cli, tmp_path, wor
 
 
 def test_diverged_run_appears_in_no_figure_or_verdict(tmp_path, tiny_config):
-    ok = results.run(tiny_config(rounds=1), tmp_path)
-    bad = results.run(tiny_config(rounds=1, seed=1, optimizer="sgd", lr=1e6), tmp_path)
+    ok = claims.run(tiny_config(rounds=1), tmp_path)
+    bad = claims.run(tiny_config(rounds=1, seed=1, optimizer="sgd", lr=1e6), tmp_path)
     assert bad["failure"] == "diverged"
     runs, rounds = report.frames([ok, bad])
     assert list(runs["hash"]) == [ok["hash"]] and set(rounds["hash"]) == {ok["hash"]}
@@ -325,7 +325,7 @@ def test_diverged_run_appears_in_no_figure_or_verdict(tmp_path, tiny_config):
 def valid(tmp_path_factory) -> tuple[RunConfig, dict]:
     """One finished tiny run and its record, computed once for the table."""
     cfg = RunConfig(**ONE_ROUND)
-    return cfg, results.run(cfg, tmp_path_factory.mktemp("valid"))
+    return cfg, claims.run(cfg, tmp_path_factory.mktemp("valid"))
 
 
 def _without(record: dict, *keys: str) -> dict:
@@ -370,18 +370,18 @@ RAW_CASES = [("", "not valid JSON"), ('{"schema": 1, "status": "ok", "tr', "not 
 def test_invalid_record_is_named_once_and_counts_as_missing(content, words, tmp_path, valid,
                                                             capsys):
     cfg, record = valid
-    path = results.record_path(tmp_path, cfg)
+    path = store.record_path(tmp_path, cfg)
     path.parent.mkdir()
     path.write_text(json.dumps(record))
-    assert results.kept(tmp_path, cfg) == record, "the untouched record is valid"
+    assert store.kept(tmp_path, cfg) == record, "the untouched record is valid"
     text = content if isinstance(content, str) else json.dumps(content(record))
     path.write_text(text)
-    assert results.kept(tmp_path, cfg) is None and results.kept(tmp_path, cfg) is None
-    assert results.load_records(tmp_path, status=None) == []
+    assert store.kept(tmp_path, cfg) is None and store.kept(tmp_path, cfg) is None
+    assert store.load_records(tmp_path, status=None) == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and words in err[0], err
     assert err[0].startswith("fedtune: warning: ignoring run record")
-    results.read_record(path)
+    store.read_record(path)
     assert capsys.readouterr().err == "", "named once"
 
 
@@ -400,4 +400,4 @@ def test_index_and_grid_skip_an_invalid_record_and_recompute_it(tmp_path, capsys
     code = cli.main(["grid", *argv, "--jobs", "1", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and "1 to run" in out
-    assert results.read_record(victim)["status"] == "ok"
+    assert store.read_record(victim)["status"] == "ok"

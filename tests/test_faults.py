@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import TINY, _files, _refused, _tiny_profile
 
-from fedtune_core import cli, lock
+from fedtune_core import cli, files, lock
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import fedavg as fl
-from fedtune_core.runs import records as results
+from fedtune_core.runs import store
 from fedtune_core.study.profile import load_profile
 
 GRID_BASE = 'weights = "none"\npartition = "iid"\nclients = 2\nsample = 2\nbatch_size = 64'
@@ -156,7 +156,7 @@ def test_a_lock_held_by_a_live_process_ends_in_one_line(run_cli, tmp_path, monke
     monkeypatch.setenv("FEDTUNE_LOCK_WAIT", "0")
     out = tmp_path / "res"
     cfg = cli._config_from(cli.build_parser().parse_args(["run", *TINY]))
-    record = results.record_path(out, cfg)
+    record = store.record_path(out, cfg)
     ready = tmp_path / "ready"
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -212,7 +212,7 @@ def test_odd_characters_in_a_path_keep_the_message_on_one_line(run_cli, tmp_path
 
 
 class _FillingDisk:
-    """``os`` as results sees it, whose fsync fails with ENOSPC from call ``full_at`` on."""
+    """``os`` as the atomic write sees it, whose fsync fails with ENOSPC from call ``full_at`` on."""
 
     def __init__(self, full_at: int):
         self.calls, self.full_at = 0, full_at
@@ -237,7 +237,7 @@ def test_a_full_disk_mid_grid_is_one_line_and_the_next_call_completes(tmp_path, 
     monkeypatch.setattr(fl, "execute", lambda cfg, **kw: computed.append(cfg.hash)
                         or execute(cfg, **kw))
     disk = _FillingDisk(full_at=2)  # the first record goes in, the second does not
-    monkeypatch.setattr(results, "os", disk)
+    monkeypatch.setattr(files, "os", disk)
     code = cli.main(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -245,12 +245,12 @@ def test_a_full_disk_mid_grid_is_one_line_and_the_next_call_completes(tmp_path, 
     assert "No space left on device" in lines[0] and "bytes needed" in lines[0]
     assert disk.calls == 3, "the record kept in memory was written once more, then it stopped"
     written = sorted((out / "runs").iterdir())
-    assert len(written) == 1 and results.read_record(written[0])["status"] == "ok"
+    assert len(written) == 1 and store.read_record(written[0])["status"] == "ok"
 
-    monkeypatch.setattr(results, "os", os)  # space again
+    monkeypatch.setattr(files, "os", os)  # space again
     assert cli.main(argv) == 0
     records = sorted((out / "runs").iterdir())
-    assert len(records) == 2 and all(results.read_record(p) for p in records)
+    assert len(records) == 2 and all(store.read_record(p) for p in records)
     assert len(computed) == 3, "the run whose write failed was computed again once, no more"
 
 
@@ -266,13 +266,13 @@ def test_a_full_disk_that_frees_up_loses_no_computed_run(tmp_path, capsys, monke
                 raise OSError(errno.ENOSPC, "No space left on device")
             os.fsync(fd)
 
-    monkeypatch.setattr(results, "os", _Once(full_at=1))
+    monkeypatch.setattr(files, "os", _Once(full_at=1))
     assert cli.main(argv) == 2
     assert "No space left" in capsys.readouterr().err
     kept = list((out / "runs").iterdir())
     assert len(kept) == 1, "the record whose write failed was kept in memory and written"
     monkeypatch.setattr(fl, "execute", _forbidden_after(kept[0].stem))
-    monkeypatch.setattr(results, "os", os)
+    monkeypatch.setattr(files, "os", os)
     assert cli.main(argv) == 0
     assert len(list((out / "runs").iterdir())) == 2
 

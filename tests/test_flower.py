@@ -93,7 +93,7 @@ def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_result
                               "--quiet"])
     assert code == 0, err
     cfg = tiny_config(method="head", sample=1, rounds=1, engine="flower")
-    record = results.kept(tmp_results, cfg)
+    record = store.kept(tmp_results, cfg)
     assert record and record["engine"] == "flower" and record["config"]["engine"] == "flower"
     builtin = fl.execute(cfg.replace(engine="builtin"))
     assert [r["test_acc"] for r in record["rounds"]] == pytest.approx(

@@ -24,7 +24,7 @@ from test_faults import _wait_for
 from fedtune_core import cli, files, recipes
 from fedtune_core.errors import diagnostics
 from fedtune_core.proxy import glyphs, pretrain, probe
-from fedtune_core.runs import records as results
+from fedtune_core.runs import store
 from fedtune_core.study import grid, report
 
 GRID_BASE = 'weights = "none"\npartition = "iid"\nclients = 2\nsample = 2\nbatch_size = 64'
@@ -133,7 +133,7 @@ def test_index_built_with_a_record_missing_names_it_on_the_page(damage, why, fin
     profile, out = _copy(finished, tmp_path)
     prof = grid.load_profile(profile)
     victim = prof.runs()[0]
-    path = results.record_path(out, victim)
+    path = store.record_path(out, victim)
     if damage == "delete":
         path.unlink()
     else:
@@ -163,7 +163,7 @@ def test_warnings_inside_a_notebook_go_to_the_log_not_to_the_cells(tmp_path, mon
     bad = tmp_path / "runs" / "0123456789abcdef.json"
     bad.parent.mkdir()
     bad.write_text(json.dumps([1]))
-    assert results.read_record(bad) is None
+    assert store.read_record(bad) is None
     assert cell.getvalue() == "" and "ignoring run record" in log.getvalue()
 
 

@@ -20,7 +20,7 @@ from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import data, models
 from fedtune_core.proxy import glyphs, pretrain, probe
-from fedtune_core.runs import records as results
+from fedtune_core.runs import claims
 
 MODELS = ["vit-tiny", "clip-tiny"]
 # seconds long: 3,000 images, 40 steps of 32 (nothing much is learnt; enough to test the plumbing)
@@ -222,7 +222,7 @@ def test_a_run_is_identified_by_its_recipe(quick_recipes, monkeypatch):
 
 def test_a_run_record_names_its_pretraining(quick_recipes, tiny_config, tmp_results):
     cfg = tiny_config(weights="glyphs-weak", method="head", rounds=1)
-    record = results.run(cfg, tmp_results, device="cpu")
+    record = claims.run(cfg, tmp_results, device="cpu")
     assert record["status"] == "ok", record.get("error")
     meta = recipes.cached("vit-tiny", "glyphs-weak")
     assert record["config"]["weights"] == f"glyphs-weak@{meta['hash']}"

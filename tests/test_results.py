@@ -8,7 +8,9 @@ import pytest
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import fedavg as fl
+from fedtune_core.runs import claims, store
 from fedtune_core.runs import records as results
+from fedtune_core.study import tidy
 
 RECORD_KEYS = {"schema", "hash", "config", "status", "rounds", "final", "params", "versions",
                "git", "hardware", "wall_seconds"}
@@ -41,8 +43,8 @@ def _forbid_execute(monkeypatch):
 
 def test_run_writes_one_complete_record(tmp_results, tiny_config, count_execute):
     cfg = tiny_config()
-    record = results.run(cfg, tmp_results, device="cpu")
-    path = results.record_path(tmp_results, cfg)
+    record = claims.run(cfg, tmp_results, device="cpu")
+    path = store.record_path(tmp_results, cfg)
     assert path == tmp_results / "runs" / f"{cfg.hash}.json"
     assert _files(tmp_results) == [path]
     assert count_execute == [cfg.hash]
@@ -64,29 +66,29 @@ def test_run_writes_one_complete_record(tmp_results, tiny_config, count_execute)
 
     on_disk = json.loads(path.read_text())
     assert on_disk == record
-    assert results.kept(tmp_results, cfg) == record
+    assert store.kept(tmp_results, cfg) == record
     assert RunConfig.from_dict(on_disk["config"]).hash == cfg.hash
 
 
 def test_second_run_is_a_cache_hit(tmp_results, tiny_config, monkeypatch):
     cfg = tiny_config(method="head", rounds=1)
-    first = results.run(cfg, tmp_results, device="cpu")
+    first = claims.run(cfg, tmp_results, device="cpu")
     _forbid_execute(monkeypatch)
-    second = results.run(cfg, tmp_results, device="cpu")
+    second = claims.run(cfg, tmp_results, device="cpu")
     assert second == first
     # an equal config (lr spelled out) is the same run
-    assert results.run(cfg.replace(lr=cfg.resolved_lr), tmp_results) == first
+    assert claims.run(cfg.replace(lr=cfg.resolved_lr), tmp_results) == first
     assert len(_files(tmp_results)) == 1
 
 
 def test_force_recomputes(tmp_results, tiny_config, count_execute):
     cfg = tiny_config(method="head", rounds=1)
-    first = results.run(cfg, tmp_results, device="cpu")
-    second = results.run(cfg, tmp_results, device="cpu", force=True)
+    first = claims.run(cfg, tmp_results, device="cpu")
+    second = claims.run(cfg, tmp_results, device="cpu", force=True)
     assert count_execute == [cfg.hash, cfg.hash]
     assert second["status"] == "ok"
     assert second["final"] == first["final"]  # deterministic
-    assert json.loads(results.record_path(tmp_results, cfg).read_text()) == second
+    assert json.loads(store.record_path(tmp_results, cfg).read_text()) == second
     assert len(_files(tmp_results)) == 1
 
 
@@ -99,19 +101,19 @@ def test_failed_run_is_recorded_and_retried(tmp_results, tiny_config, monkeypatc
         raise RuntimeError("boom in training")
 
     monkeypatch.setattr(fl, "execute", broken)
-    record = results.run(cfg, tmp_results, device="cpu")
+    record = claims.run(cfg, tmp_results, device="cpu")
     assert record["status"] == "failed"
     assert record["error"] == "RuntimeError: boom in training"
     assert "boom in training" in record["traceback"]
     assert record["rounds"] == [] and record["final"] == {}
-    path = results.record_path(tmp_results, cfg)
+    path = store.record_path(tmp_results, cfg)
     assert json.loads(path.read_text())["status"] == "failed"
-    assert results.kept(tmp_results, cfg) is None
+    assert store.kept(tmp_results, cfg) is None
 
-    results.run(cfg, tmp_results, device="cpu")  # not a cache hit: runs again
+    claims.run(cfg, tmp_results, device="cpu")  # not a cache hit: runs again
     assert len(calls) == 2
-    assert results.load_records(tmp_results) == []
-    assert len(results.load_records(tmp_results, status=None)) == 1
+    assert store.load_records(tmp_results) == []
+    assert len(store.load_records(tmp_results, status=None)) == 1
 
 
 def test_config_error_propagates_and_writes_nothing(tmp_results, tiny_config, monkeypatch):
@@ -122,32 +124,32 @@ def test_config_error_propagates_and_writes_nothing(tmp_results, tiny_config, mo
 
     monkeypatch.setattr(fl, "execute", bad)
     with pytest.raises(ConfigError, match="checkpoint unreadable"):
-        results.run(cfg, tmp_results)
+        claims.run(cfg, tmp_results)
     assert _files(tmp_results) == []
 
-    record = results.run(cfg, tmp_results, record_config_errors=True)
+    record = claims.run(cfg, tmp_results, record_config_errors=True)
     assert record["status"] == "failed"
     assert record["error"] == "ConfigError: checkpoint unreadable"
-    assert _files(tmp_results) == [results.record_path(tmp_results, cfg)]
+    assert _files(tmp_results) == [store.record_path(tmp_results, cfg)]
 
 
 def test_real_config_error_inside_the_run_writes_nothing(tmp_results, tiny_config):
     # shards:K with K > classes is only detected once the data are loaded
     cfg = tiny_config(partition="shards:11")
     with pytest.raises(ConfigError, match="shards:11"):
-        results.run(cfg, tmp_results, device="cpu")
+        claims.run(cfg, tmp_results, device="cpu")
     assert _files(tmp_results) == []
 
 
 def test_unreadable_record_is_not_a_cache_hit(tmp_results, tiny_config):
     cfg = tiny_config()
-    path = results.record_path(tmp_results, cfg)
+    path = store.record_path(tmp_results, cfg)
     path.parent.mkdir(parents=True)
     path.write_text('{"status": "ok", "schema": 1, "trunc')
-    assert results.read_record(path) is None
-    assert results.kept(tmp_results, cfg) is None
+    assert store.read_record(path) is None
+    assert store.kept(tmp_results, cfg) is None
     path.write_text(json.dumps({"status": "ok", "schema": results.SCHEMA + 1}))
-    assert results.kept(tmp_results, cfg) is None, "a record of another schema is stale"
+    assert store.kept(tmp_results, cfg) is None, "a record of another schema is stale"
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -157,19 +159,19 @@ def test_write_json_round_trip(tmp_path):
     import numpy as np
 
     path = tmp_path / "sub" / "r.json"
-    results.write_json(path, {"a": 1, "x": np.float64(0.5), "n": np.int64(3)})
+    store.write_json(path, {"a": 1, "x": np.float64(0.5), "n": np.int64(3)})
     assert json.loads(path.read_text()) == {"a": 1, "x": 0.5, "n": 3}
 
 
 @pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes"])
 def test_write_json_is_atomic(tmp_path, bad):
     path = tmp_path / "r.json"
-    results.write_json(path, {"old": True})
+    store.write_json(path, {"old": True})
     before = path.read_bytes()
     # the bad value comes after plenty of good output, so json.dump fails midway
     payload = {"a": list(range(5000)), "z": bad}
     with pytest.raises((TypeError, ValueError)):
-        results.write_json(path, payload)
+        store.write_json(path, payload)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "no temp file may be left"
 
@@ -178,7 +180,7 @@ def test_write_json_turns_non_finite_floats_into_null(tmp_path):
     import numpy as np
 
     path = tmp_path / "r.json"
-    results.write_json(path, {"a": math.nan, "b": [1.0, math.inf, -math.inf],
+    store.write_json(path, {"a": math.nan, "b": [1.0, math.inf, -math.inf],
                               "c": {"d": np.float64("nan")}, "e": (2.5, math.nan)})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None, None],
                                             "c": {"d": None}, "e": [2.5, None]}
@@ -188,7 +190,7 @@ def test_write_json_turns_float32_nan_into_null(tmp_path):
     import numpy as np
 
     path = tmp_path / "r.json"
-    results.write_json(path, {"a": np.float32("nan")})
+    store.write_json(path, {"a": np.float32("nan")})
     assert json.loads(path.read_text()) == {"a": None}
 
 
@@ -292,13 +294,13 @@ def test_bad_choice_lists_valid_choices(changes, valid):
 
 def test_frames_and_method_label(tmp_results, tiny_config):
     cfg = tiny_config(method="prompt", method_options={"depth": "deep", "tokens": 3}, rounds=1)
-    record = results.run(cfg, tmp_results, device="cpu")
-    assert results.method_label(record["config"]) == "prompt-3-deep"
-    assert results.method_label(tiny_config(method="prompt").to_dict()) == "prompt"
-    runs = results.runs_frame(results.load_records(tmp_results))
+    record = claims.run(cfg, tmp_results, device="cpu")
+    assert tidy.method_label(record["config"]) == "prompt-3-deep"
+    assert tidy.method_label(tiny_config(method="prompt").to_dict()) == "prompt"
+    runs = tidy.runs_frame(store.load_records(tmp_results))
     assert len(runs) == 1
     assert runs.loc[0, "hash"] == cfg.hash
     assert runs.loc[0, "opt_depth"] == "deep"
     assert runs.loc[0, "final_test_acc"] == record["final"]["test_acc"]
-    rounds = results.rounds_frame([record])
+    rounds = tidy.rounds_frame([record])
     assert list(rounds["round"]) == [0, 1]

@@ -8,6 +8,7 @@ import pytest
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.runs import records as results
+from fedtune_core.runs import store
 from fedtune_core.study import grid, report, selection
 
 
@@ -143,7 +144,7 @@ def test_the_grid_sweeps_chooses_then_runs_at_the_chosen_rate(profile, tmp_resul
 
     records = grid.ensure(profile, tmp_results, "tuning_methods", jobs=1, progress=False)
     (group,) = profile.groups()
-    sweeps = [results.read_record(results.record_path(tmp_results, c)) for c in group.sweeps]
+    sweeps = [store.read_record(store.record_path(tmp_results, c)) for c in group.sweeps]
     assert all(r["status"] == "ok" for r in sweeps)
     for rec in sweeps:  # sweep records hold validation metrics only
         names = set(rec["final"]) | {k for row in rec["rounds"] for k in row}
@@ -159,7 +160,7 @@ def test_the_grid_sweeps_chooses_then_runs_at_the_chosen_rate(profile, tmp_resul
 
     # another winner (hand-edited validation accuracies) means other main runs: new hashes
     loser = next(r for r in sweeps if r["config"]["lr"] != chosen)
-    path = results.record_path(tmp_results, RunConfig.from_dict(loser["config"]))
+    path = store.record_path(tmp_results, RunConfig.from_dict(loser["config"]))
     loser["final"]["val_acc"] = 2.0
     path.write_text(json.dumps(loser))
     assert grid.rates(profile, tmp_results) == {group.key: loser["config"]["lr"]}
@@ -169,7 +170,7 @@ def test_the_grid_sweeps_chooses_then_runs_at_the_chosen_rate(profile, tmp_resul
 def _write_sweep(folder, cfg: RunConfig, val_acc: float, test_acc: float = 0.5) -> None:
     rec = _record(cfg.lr, val_acc, test_acc=test_acc) | {"hash": cfg.hash,
                                                           "config": cfg.to_dict()}
-    path = results.record_path(folder, cfg)
+    path = store.record_path(folder, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
 

@@ -20,8 +20,7 @@ from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import fedavg as fl
-from fedtune_core.runs import records as results
-from fedtune_core.runs import store
+from fedtune_core.runs import claims, store
 
 # the smallest run that still does everything: 2 clients, 1 round, tiny ViT on digits
 ONE_ROUND = dict(model="vit-tiny", weights="none", method="bias", dataset="digits",
@@ -33,7 +32,7 @@ FEDTUNE = str(Path(sys.executable).with_name("fedtune"))
 @pytest.fixture(scope="module")
 def valid(tmp_path_factory) -> tuple[RunConfig, dict]:
     cfg = RunConfig(**ONE_ROUND)
-    return cfg, results.run(cfg, tmp_path_factory.mktemp("valid"))
+    return cfg, claims.run(cfg, tmp_path_factory.mktemp("valid"))
 
 
 def _python(code: str, **kwargs) -> subprocess.Popen:
@@ -46,6 +45,8 @@ def _python(code: str, **kwargs) -> subprocess.Popen:
 WRITER = """
 import json, os, time
 from fedtune_core.runs import records as results
+from fedtune_core.runs import claims
+from fedtune_core.runs import store
 path, record, slow = {path!r}, json.load(open({source!r})), {slow}
 record["rounds"] = record["rounds"] * 3000  # a few MB: writes take a while
 if slow:  # a disk that stalls in fsync: the temp file is complete but not yet renamed
@@ -55,7 +56,7 @@ if slow:  # a disk that stalls in fsync: the temp file is complete but not yet r
     os.fsync = stall
 print("ready", flush=True)
 while True:
-    results.write_json(path, record)
+    store.write_json(path, record)
 """
 
 
@@ -63,7 +64,7 @@ def test_kill_during_record_writes_leaves_no_half_record_and_the_next_call_clean
         tmp_path, valid):
     cfg, record = valid
     folder = tmp_path / "res"
-    path = results.record_path(folder, cfg)
+    path = store.record_path(folder, cfg)
     source = tmp_path / "record.json"
     source.write_text(json.dumps(record))
     rng = random.Random(0)
@@ -81,7 +82,7 @@ def test_kill_during_record_writes_leaves_no_half_record_and_the_next_call_clean
         temps = list(path.parent.glob(".*.tmp"))
         left += len(temps)
         if path.exists():  # whatever was renamed into place is a whole record
-            assert results.read_record(path, warn=False)["hash"] == cfg.hash
+            assert store.read_record(path, warn=False)["hash"] == cfg.hash
         assert store.clean_stale(path.parent) == len(temps)
         assert list(path.parent.glob(".*.tmp")) == []
     assert left >= 1, "the stalled writer must have left its temp file"
@@ -91,8 +92,8 @@ def test_kill_during_record_writes_leaves_no_half_record_and_the_next_call_clean
     old = path.parent / f".{path.name}.abcd1234.tmp"
     old.write_text("{")
     os.utime(old, (time.time() - 2 * files.STALE_SECONDS,) * 2)
-    results.write_json(path, record)
-    assert results.run(cfg, folder) == record
+    store.write_json(path, record)
+    assert claims.run(cfg, folder) == record
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
@@ -100,7 +101,7 @@ def test_records_are_readable_by_the_group(tmp_path, valid):
     cfg, record = valid
     old = os.umask(0o022)
     try:
-        results.write_json(tmp_path / "r.json", record)
+        store.write_json(tmp_path / "r.json", record)
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
@@ -111,12 +112,14 @@ def test_records_are_readable_by_the_group(tmp_path, valid):
 HOLDER = """
 import json, sys, time
 from fedtune_core.runs import records as results, store
+from fedtune_core.runs import claims
+from fedtune_core.runs import store
 path = {path!r}
 with store.run_lock(path) as lock:
     print("locked", flush=True)
     time.sleep({hold})
     if {write}:
-        results.write_json(path, json.load(open({source!r})))
+        store.write_json(path, json.load(open({source!r})))
 print("released", flush=True)
 time.sleep(60)
 """
@@ -135,14 +138,14 @@ def _forbid(*args, **kwargs):
 def test_a_run_locked_by_a_live_process_is_waited_for_and_its_record_used(
         tmp_path, valid, monkeypatch, capsys):
     cfg, record = valid
-    path = results.record_path(tmp_path, cfg)
+    path = store.record_path(tmp_path, cfg)
     source = tmp_path / "record.json"
     source.write_text(json.dumps(record))
     proc = _holder(path, source, hold=1.0, write=True)
     try:
-        assert results.run(cfg, tmp_path, wait=False) is None  # busy: skipped
+        assert claims.run(cfg, tmp_path, wait=False) is None  # busy: skipped
         monkeypatch.setattr(fl, "execute", _forbid)
-        assert results.run(cfg, tmp_path) == record  # waited, then read its record
+        assert claims.run(cfg, tmp_path) == record  # waited, then read its record
         err = capsys.readouterr().err
         assert f"run {cfg.hash} is being computed by pid {proc.pid}" in err
     finally:
@@ -152,12 +155,12 @@ def test_a_run_locked_by_a_live_process_is_waited_for_and_its_record_used(
 
 def test_a_lock_of_a_killed_process_is_taken_over(tmp_path, valid):
     cfg, record = valid
-    path = results.record_path(tmp_path, cfg)
+    path = store.record_path(tmp_path, cfg)
     proc = _holder(path, tmp_path / "unused", hold=60, write=False)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert path.with_suffix(".lock").read_text().split()[0] == str(proc.pid)  # left behind
-    fresh = results.run(cfg, tmp_path, wait=False)
+    fresh = claims.run(cfg, tmp_path, wait=False)
     assert fresh is not None and fresh["status"] == "ok"
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
@@ -165,7 +168,7 @@ def test_a_lock_of_a_killed_process_is_taken_over(tmp_path, valid):
 def test_a_refused_run_leaves_not_even_its_folders(tmp_path, monkeypatch):
     cfg = RunConfig(**(ONE_ROUND | {"partition": "shards:11"}))
     with pytest.raises(ConfigError, match="shards:11"):
-        results.run(cfg, tmp_path / "a" / "b")
+        claims.run(cfg, tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -266,7 +269,7 @@ def test_a_grid_skips_a_run_another_process_holds_then_uses_its_record(tmp_path,
     out = tmp_path / "res"
     source = tmp_path / "record.json"
     source.write_text(json.dumps(record))
-    holder = _holder(results.record_path(out, cfg), source, hold=2.0, write=True)
+    holder = _holder(store.record_path(out, cfg), source, hold=2.0, write=True)
     computed = []
     real = fl.execute
     monkeypatch.setattr(fl, "execute", lambda c, **k: computed.append(c.hash) or real(c, **k))

@@ -21,8 +21,7 @@ from fedtune_core import cli
 from fedtune_core.config import RunConfig
 from fedtune_core.fl import data
 from fedtune_core.fl import fedavg as fl
-from fedtune_core.runs import records as results
-from fedtune_core.runs import store
+from fedtune_core.runs import claims, store
 from fedtune_core.study.profile import load_profile
 
 ONE = dict(model="vit-tiny", weights="none", method="bias", dataset="digits", partition="iid",
@@ -138,7 +137,7 @@ def test_run_refuses_a_record_or_lock_that_is_not_a_file_before_computing(
         where, kind, run_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(fl, "execute", _forbidden)
     out = tmp_path / "res"
-    path = results.record_path(out, RunConfig(**ONE))
+    path = store.record_path(out, RunConfig(**ONE))
     target = path if where == "record" else path.with_suffix(".lock")
     _kind(target, kind)
     code, stdout, err = run_cli(["run", *TINY, "--results", out])
@@ -153,7 +152,7 @@ def test_grid_refuses_a_record_that_is_a_folder_before_computing_any_run(run_cli
                                       "sample = 2\nbatch_size = 64")
     out = tmp_path / "res"
     cfg = load_profile(profile).runs()[-1]
-    results.record_path(out, cfg).mkdir(parents=True)
+    store.record_path(out, cfg).mkdir(parents=True)
     code, stdout, err = run_cli(["grid", "--profile", profile, "--results", out, "--jobs", "1",
                                  "--quiet"])
     assert code == 2, err
@@ -165,8 +164,8 @@ def test_a_pipe_among_records_is_named_not_read(tmp_path, capsys):
     pipe = tmp_path / "runs" / f"{RunConfig(**ONE).hash}.json"
     pipe.parent.mkdir()
     os.mkfifo(pipe)  # open() would block until a writer came
-    assert results.read_record(pipe) is None
-    assert results.load_records(tmp_path) == []
+    assert store.read_record(pipe) is None
+    assert store.load_records(tmp_path) == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "it is a pipe, not a regular file" in err[0]
 
@@ -176,7 +175,7 @@ def test_what_is_read_of_a_record_is_capped(tmp_path, capsys, monkeypatch):
     path = tmp_path / "runs" / f"{RunConfig(**ONE).hash}.json"
     path.parent.mkdir()
     path.write_text(json.dumps({"padding": "x" * 5000}))
-    assert results.read_record(path) is None
+    assert store.read_record(path) is None
     assert "larger than 1,000 bytes" in capsys.readouterr().err
 
 
@@ -184,9 +183,9 @@ def test_what_is_read_of_a_record_is_capped(tmp_path, capsys, monkeypatch):
 def test_a_record_whose_round_is_not_a_number_is_named_and_counts_as_missing(
         round_value, tmp_path, tiny_config):
     cfg = tiny_config(rounds=1)
-    record = results.run(cfg, tmp_path)
+    record = claims.run(cfg, tmp_path)
     record["rounds"][0]["round"] = round_value
-    why = store.problem(record, results.record_path(tmp_path, cfg))
+    why = store.problem(record, store.record_path(tmp_path, cfg))
     assert why is not None and "not a whole number" in why
 
 
@@ -195,7 +194,7 @@ def test_index_of_a_grid_is_not_blocked_by_a_pipe(tmp_path, capsys):
     profile = _tiny_profile(tmp_path, 'weights = "none"\npartition = "iid"\nclients = 2\n'
                                       "sample = 2\nbatch_size = 64")
     cfg = load_profile(profile).runs()[0]
-    pipe = results.record_path(out, cfg)
+    pipe = store.record_path(out, cfg)
     pipe.parent.mkdir(parents=True)
     os.mkfifo(pipe)
     assert cli.main(["index", "--profile", str(profile), "--results", str(out)]) == 0

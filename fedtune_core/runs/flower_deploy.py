@@ -15,7 +15,7 @@ from fedtune_core.fl import flower_server
 from fedtune_core.fl.flower_app import client_app_for, config_of, server_app_for
 from fedtune_core.fl.flower_server import DEFAULTS, RESULTS, WEIGHTS
 from fedtune_core.proxy import pretrain
-from fedtune_core.runs import records as results
+from fedtune_core.runs import claims, store
 
 
 def _weights(cfg) -> str | None:
@@ -27,9 +27,9 @@ def _deployed(grid: Grid, context: Context) -> None:
     """``flwr run``: run the config the run config carries and write its record."""
     settings = DEFAULTS | dict(context.run_config)
     cfg = config_of(settings)
-    record = results.run(cfg, settings[RESULTS], progress=False, execute=lambda c: (
+    record = claims.run(cfg, settings[RESULTS], progress=False, execute=lambda c: (
         flower_server.serve(grid, c, settings | {WEIGHTS: _weights(c) or ""})))
-    path = results.record_path(settings[RESULTS], cfg)
+    path = store.record_path(settings[RESULTS], cfg)
     print(f"fedtune: {record['status']} record {path}", flush=True)
 
 

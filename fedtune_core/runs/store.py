@@ -1,4 +1,4 @@
-"""What keeps the run records trustworthy: their schema, per-run locks, stale temp files.
+"""Where run records live: their path, schema, reading, writing, locks, stale leftovers.
 
 - A record that does not validate (:func:`problem`) is reported once, by one warning line
   naming the file, and counts as missing: the run is computed again, never served from it.
@@ -6,6 +6,9 @@
   so two grids on one results folder never compute the same run at once; the lock is an
   ``flock``, which the kernel releases when its owner dies, so a killed owner's lock is
   taken over by the next process.
+- A record lives at ``<results>/runs/<config hash>.json``. A record with status ``ok`` is
+  a cache hit; so is a diverged one (``failure: "diverged"``, deterministic: the same
+  config diverges again) unless ``retry_failed`` (:func:`kept`); other failures run again.
 - Writes go through :func:`fedtune_core.files.write_text` (temporary files named after
   their writer, fsynced, renamed); a killed writer's leftovers are removed by the next call
   (:func:`clean_stale`).
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -129,3 +133,90 @@ def run_lock(record: str | os.PathLike, wait: bool = True) -> Lock:
 def clean_stale(folder: str | os.PathLike) -> int:
     """What dead processes left in a runs folder (:func:`fedtune_core.lock.clean_stale`)."""
     return lock.clean_stale(folder)
+
+
+# -- reading and writing records ------------------------------------------------------------
+
+def record_path(results: str | os.PathLike, cfg: RunConfig) -> Path:
+    """Where the record of ``cfg`` lives under the results folder."""
+    return Path(results) / "runs" / f"{cfg.hash}.json"
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Serialise ``payload`` first, then write it atomically
+    (:func:`fedtune_core.files.write_text`)."""
+    files.write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False, default=_plain))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None (strict JSON has no such numbers)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_record(path: str | os.PathLike, warn: bool = True) -> dict | None:
+    """The valid record at ``path``, or None if it is missing or not a valid record.
+
+    An invalid one (unreadable JSON, or not the schema: :func:`fedtune_core.runs.store.problem`)
+    is named in one warning line on stderr, once per process, unless ``warn`` is False.
+    """
+    try:
+        text = read_capped(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        why = f"it cannot be read ({getattr(err, 'strerror', None) or type(err).__name__})"
+    except ValueError as err:  # not a regular file, or too large
+        why = str(err)
+    else:
+        try:
+            record = json.loads(text)
+        except ValueError:
+            why = "it is not valid JSON (empty or truncated?)"
+        else:
+            if (why := problem(record, path)) is None:
+                return record
+    if warn:
+        warn_once(path, why)
+    return None
+
+
+def kept(results: str | os.PathLike, cfg: RunConfig, *, retry_failed: bool = False,
+         warn: bool = True) -> dict | None:
+    """The record that makes running ``cfg`` again needless, if there is one.
+
+    That is an ok record, or a diverged one (deterministic: the same config would diverge
+    again) unless ``retry_failed``. Other failures (an exception, a killed worker: the
+    environment's fault, maybe passing) are always run again.
+    """
+    rec = read_record(record_path(results, cfg), warn)
+    if rec is None or rec["status"] == "ok":
+        return rec
+    return rec if diverged(rec) and not retry_failed else None
+
+
+def diverged(record: dict) -> bool:
+    """Whether ``record`` is a run that diverged."""
+    return record.get("status") == "failed" and record.get("failure") == "diverged"
+
+
+def load_records(results: str | os.PathLike, status: str | None = "ok") -> list[dict]:
+    """Every valid record under ``<results>/runs`` (only ``status`` ones unless None).
+
+    Invalid ones are skipped, each named once in a warning line.
+    """
+    records = (read_record(p) for p in sorted(Path(results, "runs").glob("*.json")))
+    return [r for r in records if r and (status is None or r.get("status") == status)]

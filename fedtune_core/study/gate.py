@@ -28,10 +28,10 @@ def records(profile: Profile, folder: str | os.PathLike, experiment: str | None 
 def missing(profile: Profile, folder: str | os.PathLike,
             experiment: str | None = None) -> dict[str, list[RunConfig]]:
     """Runs without a record that spares them: sweeps, main runs, runs waiting for a rate."""
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import store
 
     def absent(cfgs: list[RunConfig]) -> list[RunConfig]:
-        return [c for c in cfgs if res.kept(folder, c, warn=False) is None]
+        return [c for c in cfgs if store.kept(folder, c, warn=False) is None]
 
     chosen = grid.rates(profile, folder, experiment)
     return {"learning-rate sweep runs": absent(selection.sweeps(profile.groups(experiment),

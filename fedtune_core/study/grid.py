@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import Fault
 from fedtune_core.study import selection
 from fedtune_core.study.profile import EXPERIMENTS, Profile, load_profile, profiles
 
@@ -40,12 +39,12 @@ def plan(profile: Profile, results: str | os.PathLike,
     a run whose group's learning rate is not chosen yet (its sweep has not run); pending
     runs count as to run.
     """
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import store
 
     chosen = rates(profile, results)
 
     def count(cfgs: list[RunConfig], pending: int = 0) -> tuple[int, int, int]:
-        hit = sum(res.kept(results, c, retry_failed=retry_failed) is not None for c in cfgs)
+        hit = sum(store.kept(results, c, retry_failed=retry_failed) is not None for c in cfgs)
         return len(cfgs) + pending, hit, pending
 
     out = {"lr sweeps": count(selection.sweeps(profile.groups(), results))}
@@ -150,14 +149,10 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
 
     from fedtune_core import recipes
     from fedtune_core.proxy import pretrain
-    from fedtune_core.runs import backends, store
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import backends, claims
     from fedtune_core.study import preflight
 
-    for cfg in cfgs:  # a record that could not be written is not computed
-        store.check_record_path(res.record_path(results, cfg))
-    todo = cfgs if force else [c for c in cfgs
-                               if res.kept(results, c, retry_failed=retry_failed) is None]
+    todo = claims.pending(cfgs, results, force=force, retry_failed=retry_failed)
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
              len(todo))
     # every pre-trained checkpoint first, in parallel, rather than one per worker on demand
@@ -165,85 +160,10 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
                         max(where.jobs, 1), progress=progress)
     preflight.check(todo, data_root)
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
-    for wait in (False, True):  # then the runs other processes were computing
-        if not todo:
-            break
-        with _Claims(results, force, retry_failed, wait, bar) as claims:
-            for cfg, record in backends.run(backend, todo, where, progress, claims.take):
-                claims.finish(cfg, record)
-            claims.write_kept()
-        todo = claims.busy
+    claims.ensure(todo, results, lambda cfgs, claim: backends.run(backend, cfgs, where, progress,
+                                                                 claim),
+                  force=force, retry_failed=retry_failed, done=lambda cfg: bar.update())
     bar.close()
-
-
-class _Claims:
-    """The run locks this process (the driver) holds while a backend computes the runs."""
-
-    def __init__(self, results: str | os.PathLike, force: bool, retry_failed: bool,
-                 wait: bool, bar):
-        self.results, self.force, self.retry_failed = results, force, retry_failed
-        self.wait, self.bar = wait, bar
-        self.locks: dict = {}
-        self.busy: list[RunConfig] = []  # held by another process (when not waiting)
-        self.unwritten: list[tuple[RunConfig, dict]] = []  # computed; their write failed
-        self.fault: Fault | None = None
-
-    def take(self, cfg: RunConfig) -> bool:
-        """Lock ``cfg`` before it starts; False if another process holds it or has just
-        finished it (then its record is used), or once a write has failed (nothing more
-        starts: the runs under way end and are written, or kept in memory)."""
-        from fedtune_core.runs import records as res
-        from fedtune_core.runs import store
-
-        if self.fault is not None:
-            return False
-
-        lock = store.run_lock(res.record_path(self.results, cfg), wait=self.wait).__enter__()
-        if not lock.held:
-            self.busy.append(cfg)
-            return False
-        if not self.force and res.kept(self.results, cfg, retry_failed=self.retry_failed,
-                                       warn=False):
-            lock.__exit__(None, None, None)
-            self.bar.update()
-            return False
-        self.locks[cfg.hash] = lock
-        return True
-
-    def finish(self, cfg: RunConfig, record: dict) -> None:
-        """Write the record of ``cfg`` (atomically), then let go of its lock; if the write
-        fails (a full disk), keep the record and the lock for :meth:`write_kept`."""
-        from fedtune_core.runs import records as res
-
-        try:
-            res.write_json(res.record_path(self.results, cfg), record)
-        except Fault as err:
-            self.fault = self.fault or err
-            self.unwritten.append((cfg, record))
-            return
-        self.locks.pop(cfg.hash).__exit__(None, None, None)
-        self.bar.update()
-
-    def write_kept(self) -> None:
-        """After a failed write: write once more the records kept in memory (space may have
-        been freed since), then stop.
-
-        Raises:
-            Fault: the first failed write: the grid stops there (every record written is
-                whole; the next call computes what is left).
-        """
-        kept, self.unwritten = self.unwritten, []
-        for cfg, record in kept:
-            self.finish(cfg, record)
-        if self.fault is not None:
-            raise self.fault
-
-    def __enter__(self) -> _Claims:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for lock in self.locks.values():  # runs that never finished (an interrupted grid)
-            lock.__exit__(None, None, None)
 
 
 class Records(list):
@@ -260,13 +180,13 @@ def collect(profile: Profile, results: str | os.PathLike,
 
     Sweep runs are not among them (see :func:`fedtune_core.study.report.lr_sweeps`).
     """
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import store
 
     chosen = rates(profile, results, experiment)
     found, missing = Records(), []
     for cfg in profile.runs(experiment, chosen):
-        path = res.record_path(results, cfg)
-        if (record := res.read_record(path)) is not None:
+        path = store.record_path(results, cfg)
+        if (record := store.read_record(path)) is not None:
             found.append(record)
         else:
             missing.append((cfg, "invalid record" if os.path.lexists(path) else "no record"))

@@ -11,8 +11,8 @@ import os
 import pandas as pd
 
 from fedtune_core.config import RunConfig
-from fedtune_core.runs import records as results
-from fedtune_core.study import selection
+from fedtune_core.runs import store
+from fedtune_core.study import selection, tidy
 from fedtune_core.study.profile import Profile
 
 
@@ -41,7 +41,7 @@ def lr_sweeps(profile: Profile, folder: str | os.PathLike) -> pd.DataFrame:
 
 def _pending_scores(group: selection.Group, folder: str | os.PathLike) -> list[dict]:
     """Scores of an incomplete sweep: the finished runs' own, ``pending`` for the rest."""
-    records = [results.read_record(results.record_path(folder, c), warn=False)
+    records = [store.read_record(store.record_path(folder, c), warn=False)
                for c in group.sweeps]
     done = selection.choose([r for r in records if r])[1] if any(records) else []
     by_lr = {s["lr"]: s for s in done}
@@ -87,7 +87,7 @@ def lr_cost(profile: Profile, folder: str | os.PathLike) -> str:
         return "This profile selects no learning rate: every rate is fixed in the profile."
     settings, done = profile.lr_selection, sweeps[sweeps["status"] != "pending"]
     rates = selection.rates(selection.decide(profile.groups(), folder))
-    main = [results.read_record(results.record_path(folder, c)) for c in profile.runs(None, rates)]
+    main = [store.read_record(store.record_path(folder, c)) for c in profile.runs(None, rates)]
     main = [r for r in main if r and r.get("status") == "ok"]
     main_samples = sum((r["final"].get("samples_processed") or 0) for r in main)
     main_seconds = sum(r.get("wall_seconds") or 0 for r in main)
@@ -130,5 +130,5 @@ def _extended(part: pd.DataFrame) -> str:
 def _group_columns(group: selection.Group) -> dict[str, object]:
     fields = group.fields
     return {"group": group.key, "dataset": fields["dataset"], "model": fields["model"],
-            "variant": results.method_label(fields), "optimizer": fields["optimizer"],
+            "variant": tidy.method_label(fields), "optimizer": fields["optimizer"],
             "weights": str(fields["weights"]).split("@")[0]}  # a recipe without its hash

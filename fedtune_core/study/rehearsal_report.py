@@ -21,8 +21,8 @@ from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import check_int
 from fedtune_core.fl import partition
-from fedtune_core.runs import records as res
-from fedtune_core.study import cost, grid, rehearsal
+from fedtune_core.runs import store
+from fedtune_core.study import cost, grid, rehearsal, tidy
 from fedtune_core.study.profile import Profile
 
 Key = tuple[str, str, str, str, str, str]  # dataset, model, method, mode, partition kind, kind
@@ -30,7 +30,7 @@ Key = tuple[str, str, str, str, str, str]  # dataset, model, method, mode, parti
 
 def shape(cfg: RunConfig) -> Key:
     """What makes runs alike for the rehearsal: their shape (rates, seeds, sizes aside)."""
-    return (cfg.dataset, cfg.model, res.method_label(cfg.to_dict()), cfg.mode,
+    return (cfg.dataset, cfg.model, tidy.method_label(cfg.to_dict()), cfg.mode,
             partition.parse(cfg.partition).kind, "sweep" if cfg.val_fraction else "run")
 
 
@@ -54,7 +54,7 @@ def rows(profile: Profile, folder: str | Path, experiment: str | None = None) ->
     out = []
     cfgs = profile.sweeps(experiment) + profile.runs(experiment, chosen)
     for cfg in {c.hash: c for c in cfgs}.values():  # a shape may run with several weights
-        rec = res.read_record(res.record_path(folder, cfg))
+        rec = store.read_record(store.record_path(folder, cfg))
         if rec is None:
             out.append(Row(shape(cfg), "not run", "no record"))
             continue

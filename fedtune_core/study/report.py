@@ -18,8 +18,7 @@ from markupsafe import Markup
 
 from fedtune_core import files
 from fedtune_core.fl import models
-from fedtune_core.runs import records as results
-from fedtune_core.study import plots, verdicts
+from fedtune_core.study import plots, tidy, verdicts
 from fedtune_core.study.lr_report import lr_choices as lr_choices  # re-exported for the notebooks
 from fedtune_core.study.lr_report import lr_cost as lr_cost
 from fedtune_core.study.lr_report import lr_sweeps as lr_sweeps
@@ -61,7 +60,7 @@ def frames(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     its hash, a tag or file), ordered by pre-training steps (random init first).
     """
     ok = [r for r in records if r.get("status") == "ok"]
-    runs, rounds = results.runs_frame(ok), results.rounds_frame(ok)
+    runs, rounds = tidy.runs_frame(ok), tidy.rounds_frame(ok)
     names = {r["config"]["weights"]: _checkpoint(r) for r in ok}
     scores = {(r["config"]["model"], r["config"]["weights"]): _val_score(r) for r in ok}
     order = list(dict.fromkeys(n for n, _ in sorted(set(names.values()),
@@ -177,7 +176,7 @@ def absent_notice(absent: Sequence[tuple], shown: int = 10) -> str:
     phrases = []
     for cfg, why in absent[:shown]:
         c = cfg.to_dict()
-        phrases.append(f"`{cfg.hash}` ({c['model']} / {results.method_label(c)}, "
+        phrases.append(f"`{cfg.hash}` ({c['model']} / {tidy.method_label(c)}, "
                        f"{c['partition']}, {c['mode']}, seed {c['seed']}: {why})")
     more = f"; and {len(absent) - shown} more" if len(absent) > shown else ""
     return (f"**Incomplete: {len(absent)} planned run(s) have no valid record**, so the "
@@ -192,7 +191,7 @@ def failed_runs(records: Sequence[dict], shown: int = 10) -> str:
     phrases = []
     for r in bad[:shown]:
         c = r["config"]
-        setting = f"{c['model']} / {results.method_label(c)}, {c['partition']}, {c['mode']}"
+        setting = f"{c['model']} / {tidy.method_label(c)}, {c['partition']}, {c['mode']}"
         phrases.append(f"`{r['hash']}` ({setting}, seed {c['seed']}): "
                        f"{(r.get('error') or 'unknown error').splitlines()[0]}")
     more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""

@@ -144,10 +144,10 @@ def extend(group: Group, results: str | os.PathLike) -> Group:
     candidate, one candidate one step beyond it is added (:func:`beyond`), at most
     ``group.extend`` times. The returned group's sweeps may include runs not run yet.
     """
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import store
 
     for _ in range(group.extend):
-        records = [res.read_record(res.record_path(results, cfg)) for cfg in group.sweeps]
+        records = [store.read_record(store.record_path(results, cfg)) for cfg in group.sweeps]
         if any(r is None for r in records):
             break
         new = beyond(group.candidates, choose(records)[0])
@@ -217,12 +217,12 @@ def decide(groups: Iterable[Group], results: str | os.PathLike) -> dict[str, Cho
     Each group is first extended past an edge winner (:func:`extend`); groups with a
     missing sweep record are left out (their rate is pending).
     """
-    from fedtune_core.runs import records as res
+    from fedtune_core.runs import store
 
     out = {}
     for group in groups:
         group = extend(group, results)
-        records = [res.read_record(res.record_path(results, cfg)) for cfg in group.sweeps]
+        records = [store.read_record(store.record_path(results, cfg)) for cfg in group.sweeps]
         if any(r is None for r in records):
             continue
         lr, scores = choose(records)
