@@ -117,8 +117,7 @@ def head_study() -> None:
 def train_fedavg(kind: str, optimizer: str, lr: float, data, text, clients: int = 20,
                  sample: int = 5, rounds: int = 30, batch: int = 32) -> float:
     """FedAvg of the head alone (Dirichlet(0.5) clients, 1 local epoch, fresh optimizer)."""
-    from fedtune_core.fl import fedavg as fl
-    from fedtune_core.fl import partition
+    from fedtune_core.fl import fedavg, partition
 
     xtr, ytr, xte, yte = data
     params, logits = heads(kind, xtr.shape[1], text)
@@ -141,7 +140,7 @@ def train_fedavg(kind: str, optimizer: str, lr: float, data, text, clients: int 
                 opt.step()
             updates.append(({str(i): p.detach().clone() for i, p in enumerate(params)},
                             len(idx_all)))
-        avg = fl.fedavg(updates)
+        avg = fedavg.fedavg(updates)
         state = [avg[str(i)] for i in range(len(params))]
     with torch.no_grad():
         for p, s in zip(params, state, strict=True):

@@ -17,8 +17,7 @@ import time
 from datetime import UTC, datetime
 
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import fedavg as fl
-from fedtune_core.fl import flower_app
+from fedtune_core.fl import builtin, flower_app, training
 
 
 def main() -> None:
@@ -30,12 +29,12 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    fl.set_cpu_threads()
+    training.set_cpu_threads()
     cfg = RunConfig(model=args.model, method=args.method, weights=args.weights,
                     dataset="digits", partition="iid", clients=args.clients,
                     sample=args.sample, rounds=args.rounds, batch_size=64)
     seconds, rows = {}, {}
-    for engine, execute in (("builtin", fl.execute), ("flower", flower_app.execute)):
+    for engine, execute in (("builtin", builtin.execute), ("flower", flower_app.execute)):
         t0 = time.perf_counter()
         rows[engine] = execute(cfg.replace(engine=engine), device="cpu").rows
         seconds[engine] = time.perf_counter() - t0

@@ -34,8 +34,7 @@ import torch
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data, models
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import data, features, fedavg, models, training
 
 FWD_GFLOPS = {"vit-b16": 35.2, "clip-vit-b32": 8.8, "vit-b32": 8.7}  # per 224 image forward
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, per GPU
@@ -51,17 +50,17 @@ def _images(n: int, size: int, device: torch.device, seed: int = 0) -> data.Spli
     return data.Split(images, torch.randint(0, len(CLASSES), (n,), generator=gen)).to(device)
 
 
-def _trainer(model_name: str, variant: str, batch: int, device: torch.device) -> fl.Trainer:
+def _trainer(model_name: str, variant: str, batch: int, device: torch.device) -> training.Trainer:
     method, options = VARIANTS[variant]
     cfg = RunConfig(model=model_name, weights="none", method=method, method_options=options,
                     dataset="synthetic", batch_size=batch)
     model = models.build(model_name, CLASSES, "none", text_head=False)
-    return fl.Trainer(model, tuning.prepare(model, method, options), cfg, device)
+    return training.Trainer(model, tuning.prepare(model, method, options), cfg, device)
 
 
 def step_child(model_name: str, variant: str, batch: int, steps: int, device: str) -> dict:
     """In a process of its own: seconds per training step and the process's peak memory."""
-    dev = fl.pick_device(device)
+    dev = training.pick_device(device)
     trainer = _trainer(model_name, variant, batch, dev)
     split = _images(batch * (steps + 1), trainer.model.input_size, dev)
     batches = [split.subset(np.arange(i * batch, (i + 1) * batch)) for i in range(steps + 1)]
@@ -105,7 +104,7 @@ def step_table(models_: list[str], batch: int, steps: int, device: str) -> None:
 def cached_round(model_name: str, clients: int, per_client: int, batch: int,
                  device: str) -> None:
     """One FedAvg round of head-only tuning, on images through the encoder vs on features."""
-    dev = fl.pick_device(device)
+    dev = training.pick_device(device)
     times = {}
     for cached in (False, True):
         trainer = _trainer(model_name, "head", batch, dev)
@@ -114,11 +113,12 @@ def cached_round(model_name: str, clients: int, per_client: int, batch: int,
         test = _images(per_client, trainer.model.input_size, dev, seed=2)
         start = time.perf_counter()
         if cached:
-            train, test = trainer.to_features(train, test)
+            train, test = features.encode(trainer, train, test)
+            trainer = features.HeadView(trainer)
         encode = time.perf_counter() - start
         chunks = np.array_split(np.arange(len(train)), clients)
-        pool = [fl.Client(train.subset(c), test) for c in chunks]
-        rows, _ = fl.run_fl(trainer.cfg, trainer, pool, test, progress=False)
+        pool = [training.Client(train.subset(c), test) for c in chunks]
+        rows, _ = fedavg.run_fl(trainer.cfg, trainer, pool, test, progress=False)
         times[cached] = (np.mean([r["seconds"] for r in rows]), encode)
     (slow, _), (fast, encode) = times[False], times[True]
     print(f"\n2. Head-only, one FedAvg round on {model_name} at 224: {clients} clients x "
@@ -169,8 +169,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="ViT-B/16 only, one timed step")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    fl.set_cpu_threads()
-    dev = fl.pick_device(args.device)
+    training.set_cpu_threads()
+    dev = training.pick_device(args.device)
     batch = args.batch or (32 if dev.type == "cuda" else 4)
     steps = args.steps or (1 if args.quick else 3)
     if args.child:

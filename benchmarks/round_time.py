@@ -15,7 +15,7 @@ import torch
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin, training
 
 
 def main() -> None:
@@ -27,9 +27,9 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    fl.set_cpu_threads()
+    training.set_cpu_threads()
     print(f"{args.model} on {args.dataset}, {args.sample} of {args.clients} clients per round, "
-          f"device {fl.pick_device(args.device)}")
+          f"device {training.pick_device(args.device)}")
     print(f"{'method':<10}{'s/round':>10}{'MB/client/round':>17}{'trainable':>12}{'peak MB':>10}")
     for method in tuning.METHODS:
         cfg = RunConfig(model=args.model, weights="none", method=method, dataset=args.dataset,
@@ -38,7 +38,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = fl.execute(cfg, device=args.device)
+        out = builtin.execute(cfg, device=args.device)
         wall = time.perf_counter() - start
         per_round = sum(r["seconds"] for r in out.rows[1:]) / args.rounds
         peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()

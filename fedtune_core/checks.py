@@ -210,7 +210,7 @@ def check_device(name: str, local: bool = True) -> None:
 
     A name that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, or (``local``) a CUDA
     device on a machine without a GPU driver, is refused here; whether ``cuda:N`` exists
-    where a driver is present is left to :func:`fedtune_core.fl.fedavg.pick_device`.
+    where a driver is present is left to :func:`fedtune_core.fl.training.pick_device`.
     """
     cuda = _cuda_present()
     if isinstance(name, str) and _DEVICE.match(name) and (cuda or not local

@@ -88,11 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)  # validated without torch: bad input answers at once
     check_results_folder(args.results)
-    from fedtune_core.fl import fedavg as fl
+    from fedtune_core.fl import training
     from fedtune_core.runs import claims, store
 
-    fl.set_cpu_threads()
-    fl.pick_device(args.device)
+    training.set_cpu_threads()
+    training.pick_device(args.device)
     kept = not args.force and store.kept(args.results, cfg, retry_failed=args.retry_failed,
                                            warn=False)
     record = claims.run(cfg, args.results, device=args.device, data_root=args.data_dir,
@@ -139,11 +139,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from fedtune_core.config import RunConfig
 
     RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, method="head")
-    from fedtune_core.fl import fedavg as fl
+    from fedtune_core.fl import builtin
     from fedtune_core.proxy import pretrain
 
     path = pretrain.weights_file(args.model, args.weights, progress=True)
-    acc = fl.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir,
+    acc = builtin.zero_shot(args.model, args.dataset, args.weights, args.device, args.data_dir,
                        weights_file=path)
     print(f"{args.model} on {args.dataset}: accuracy before training {acc:.4f}")
     return 0

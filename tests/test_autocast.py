@@ -14,8 +14,7 @@ import torch
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data, models
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import data, models, training
 
 VARIANTS = [(m, {}) for m in tuning.METHODS] + [("prompt", {"depth": "deep"}),
                                                 ("adapter", {"input": "mlp"})]
@@ -29,7 +28,7 @@ def test_one_bf16_autocast_step_of_every_method_on_cpu(model_name, method, optio
     model = models.build(model_name, [str(c) for c in range(10)], "none")
     names = tuning.prepare(model, method, options)
     cpu = torch.device("cpu")
-    trainer = fl.Trainer(model, names, cfg, cpu, amp=True)
+    trainer = training.Trainer(model, names, cfg, cpu, amp=True)
     seen = []  # the head's input dtype: bf16 proves the forward ran under autocast
     model.head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
     sent = trainer.state()

@@ -17,7 +17,7 @@ import torch
 
 from fedtune_core import cli
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 from fedtune_core.runs import claims, store
 from fedtune_core.study import grid, report
 
@@ -257,7 +257,7 @@ def _tiny_profile(tmp_path: Path, base: str) -> Path:
 ])
 def test_grid_checks_every_run_before_starting(run_cli, base, needles, tmp_path, workdir,
                                                monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     base = base.replace('"CKPT:unrelated"', json.dumps(_plant(tmp_path, "CKPT:unrelated")))
     base = base.replace('"CKPT:text"', json.dumps(_plant(tmp_path, "CKPT:text")))
     out_dir = tmp_path / "res"
@@ -270,7 +270,7 @@ def test_grid_checks_every_run_before_starting(run_cli, base, needles, tmp_path,
 def test_grid_offline_without_weights_stops_with_one_line(run_cli, tmp_path, workdir, monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     monkeypatch.delenv("FEDTUNE_WEIGHTS_DIR", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     profile = tmp_path / "hub.toml"
@@ -290,8 +290,8 @@ def _forbidden(*args, **kwargs):
 
 def test_diverged_run_is_a_failed_record_kept_until_asked(run_cli, tmp_path, workdir, monkeypatch):
     calls = []
-    real = fl.execute
-    monkeypatch.setattr(fl, "execute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = builtin.execute
+    monkeypatch.setattr(builtin, "execute", lambda *a, **k: calls.append(1) or real(*a, **k))
     argv = ["run", *TINY, "--rounds", "2", "--optimizer", "sgd", "--lr", "1e6", "--results",
             tmp_path / "res"]
     code, out, err = run_cli(argv)

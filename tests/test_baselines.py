@@ -10,8 +10,8 @@ import torch
 
 from fedtune_core import tuning
 from fedtune_core.cli import main
-from fedtune_core.fl import data, models, partition
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.config import RunConfig
+from fedtune_core.fl import builtin, data, fedavg, models, partition, training
 
 SMALL = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--dataset", "digits",
          "--partition", "dirichlet:0.5", "--clients", "5", "--sample", "2", "--rounds", "4",
@@ -35,30 +35,30 @@ def test_local_and_central_records_process_fedavgs_samples(tmp_results, capsys):
     assert len(central["samples_per_client"]) == 5 and min(central["samples_per_client"]) > 0
 
     # FedAvg's count by hand: E x |train| of each client, in every round the sampler picks it
-    cfg = fl.RunConfig(**{"model": "vit-tiny", "weights": "none", "dataset": "digits",
+    cfg = RunConfig(**{"model": "vit-tiny", "weights": "none", "dataset": "digits",
                           "partition": "dirichlet:0.5", "clients": 5, "sample": 2, "rounds": 4,
                           "local_epochs": 2, "seed": 3})
     labels = data.load("digits").train.labels.numpy()
     sizes = [len(t) for t in partition.split_clients(labels, cfg.partition, 5, 3, 0.2, 10).train]
-    picks = np.bincount(np.concatenate(fl.schedule(cfg)), minlength=5)
+    picks = np.bincount(np.concatenate(fedavg.schedule(cfg)), minlength=5)
     assert per_client.tolist() == [2 * sizes[c] * picks[c] for c in range(5)]
 
 
 def test_a_local_client_trains_in_exactly_the_rounds_fedavg_picks_it(tiny_config, monkeypatch):
     cfg = tiny_config(clients=4, sample=2, rounds=3, mode="local")
     calls = []
-    real_fit = fl.Trainer.fit
+    real_fit = training.Trainer.fit
 
     def spy(self, split, epochs, seed):
         calls.append(tuple(seed)[1:])  # (round, client)
         return real_fit(self, split, epochs, seed)
 
-    monkeypatch.setattr(fl.Trainer, "fit", spy)
-    fl.execute(cfg, device="cpu")
+    monkeypatch.setattr(training.Trainer, "fit", spy)
+    builtin.execute(cfg, device="cpu")
     local_calls = sorted(calls)
     calls.clear()
-    fl.execute(cfg.replace(mode="fl"), device="cpu")
-    expected = sorted((r, int(c)) for r, ids in enumerate(fl.schedule(cfg), 1) for c in ids)
+    builtin.execute(cfg.replace(mode="fl"), device="cpu")
+    expected = sorted((r, int(c)) for r, ids in enumerate(fedavg.schedule(cfg), 1) for c in ids)
     assert local_calls == sorted(calls) == expected
     assert len(expected) == cfg.rounds * cfg.sample
 
@@ -66,7 +66,7 @@ def test_a_local_client_trains_in_exactly_the_rounds_fedavg_picks_it(tiny_config
 def test_zero_shot_is_the_model_before_any_method_module(tiny_config):
     deep = {"depth": "deep"}
     cfg = tiny_config(method="prompt", method_options=deep, rounds=1)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     dataset = data.load("digits")
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, dataset.class_names, "none").eval()
@@ -100,13 +100,13 @@ def test_a_validation_run_never_touches_a_test_split(tiny_config, monkeypatch, m
         *(lambda d: (d.name, d.train, _Untouchable(), d.class_names))(real_load(*a, **k))))
     cfg = tiny_config(clients=3, sample=2, rounds=2, val_fraction=0.25, mode=mode)
     with pytest.raises(AssertionError, match="global test split was touched"):
-        fl.execute(cfg.replace(val_fraction=0.0), device="cpu")  # the poison works
+        builtin.execute(cfg.replace(val_fraction=0.0), device="cpu")  # the poison works
 
     evaluated = []
-    real_evaluate = fl.Trainer.evaluate
-    monkeypatch.setattr(fl.Trainer, "evaluate", lambda self, split, *a: (
+    real_evaluate = training.Trainer.evaluate
+    monkeypatch.setattr(training.Trainer, "evaluate", lambda self, split, *a: (
         evaluated.append(split.labels.clone()), real_evaluate(self, split, *a))[1])
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
 
     # every evaluation was on validation data: one client's split, their union, or train
     labels = real_load("digits").train.labels.numpy()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fedtune_core import tuning
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 
 TINY = ["--model", "vit-tiny", "--weights", "none", "--method", "bias", "--dataset", "digits",
         "--partition", "iid", "--clients", "2", "--sample", "2", "--rounds", "1",
@@ -60,7 +60,7 @@ def test_failed_run_exits_1(run_cli, tmp_results, workdir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory, pretend")
 
-    monkeypatch.setattr(fl, "execute", broken)
+    monkeypatch.setattr(builtin, "execute", broken)
     code, out, err = run_cli(["run", *TINY, "--results", tmp_results])
     assert code == 1
     assert "run failed" in err and "out of memory, pretend" in err

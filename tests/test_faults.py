@@ -19,7 +19,7 @@ from test_bad_inputs import TINY, _files, _refused, _tiny_profile
 
 from fedtune_core import cli, files, lock
 from fedtune_core.errors import ConfigError
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 from fedtune_core.runs import store
 from fedtune_core.study.profile import load_profile
 
@@ -46,7 +46,7 @@ def _forbidden(*args, **kwargs):
 @pytest.mark.parametrize("command", ["run", "grid"])
 def test_environment_out_of_range_is_one_line(name, value, needles, command, run_cli, tmp_path,
                                               monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     monkeypatch.setenv(name, value)
     out = tmp_path / "res"
     argv = (["run", *TINY] if command == "run" else
@@ -152,7 +152,7 @@ def test_the_cap_is_set_by_the_environment(tmp_path, monkeypatch):
 
 
 def test_a_lock_held_by_a_live_process_ends_in_one_line(run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     monkeypatch.setenv("FEDTUNE_LOCK_WAIT", "0")
     out = tmp_path / "res"
     cfg = cli._config_from(cli.build_parser().parse_args(["run", *TINY]))
@@ -212,7 +212,7 @@ def test_odd_characters_in_a_path_keep_the_message_on_one_line(run_cli, tmp_path
 
 
 class _FillingDisk:
-    """``os`` as the atomic write sees it, whose fsync fails with ENOSPC from call ``full_at`` on."""
+    """``os`` as the atomic write sees it: fsync fails with ENOSPC from call ``full_at`` on."""
 
     def __init__(self, full_at: int):
         self.calls, self.full_at = 0, full_at
@@ -233,8 +233,8 @@ def test_a_full_disk_mid_grid_is_one_line_and_the_next_call_completes(tmp_path, 
     argv = ["grid", "--profile", str(_tiny_profile(tmp_path, GRID_BASE)), "--results",
             str(out), "--jobs", "1", "--quiet"]
     computed = []
-    execute = fl.execute
-    monkeypatch.setattr(fl, "execute", lambda cfg, **kw: computed.append(cfg.hash)
+    execute = builtin.execute
+    monkeypatch.setattr(builtin, "execute", lambda cfg, **kw: computed.append(cfg.hash)
                         or execute(cfg, **kw))
     disk = _FillingDisk(full_at=2)  # the first record goes in, the second does not
     monkeypatch.setattr(files, "os", disk)
@@ -271,14 +271,14 @@ def test_a_full_disk_that_frees_up_loses_no_computed_run(tmp_path, capsys, monke
     assert "No space left" in capsys.readouterr().err
     kept = list((out / "runs").iterdir())
     assert len(kept) == 1, "the record whose write failed was kept in memory and written"
-    monkeypatch.setattr(fl, "execute", _forbidden_after(kept[0].stem))
+    monkeypatch.setattr(builtin, "execute", _forbidden_after(kept[0].stem))
     monkeypatch.setattr(files, "os", os)
     assert cli.main(argv) == 0
     assert len(list((out / "runs").iterdir())) == 2
 
 
 def _forbidden_after(done: str):
-    execute = fl.execute
+    execute = builtin.execute
 
     def guarded(cfg, **kw):
         assert cfg.hash != done, "a run already written is not computed again"

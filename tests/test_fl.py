@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fedtune_core import tuning
-from fedtune_core.fl import data, models
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin, data, features, fedavg, models, training
 
 # ---------------------------------------------------------------- fedavg, by hand
 
@@ -15,7 +14,7 @@ from fedtune_core.fl import fedavg as fl
 def test_fedavg_two_clients_weighted_by_counts():
     a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
     b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([[4.0]])}
-    out = fl.fedavg([(a, 1), (b, 3)])
+    out = fedavg.fedavg([(a, 1), (b, 3)])
     assert set(out) == {"w", "b"}
     # w: (1*1 + 3*3)/4, (1*2 + 3*6)/4;  b: (1*0 + 3*4)/4
     torch.testing.assert_close(out["w"], torch.tensor([2.5, 5.0]))
@@ -29,7 +28,7 @@ def test_fedavg_three_clients_different_shapes():
         ({"m": torch.full((2, 3), 4.0), "v": torch.tensor([0.0, 0.0, 5.0])}, 1),
         ({"m": torch.arange(6.0).view(2, 3), "v": torch.tensor([1.0, 1.0, 1.0])}, 7),
     ]
-    out = fl.fedavg(states)
+    out = fedavg.fedavg(states)
     # m = (2*1 + 1*4 + 7*arange)/10 ; v = (2*v0 + v1 + 7*v2)/10
     expected_m = (torch.full((2, 3), 6.0) + 7 * torch.arange(6.0).view(2, 3)) / 10
     torch.testing.assert_close(out["m"], expected_m)
@@ -38,13 +37,13 @@ def test_fedavg_three_clients_different_shapes():
 
 def test_fedavg_single_client_is_identity():
     s = {"w": torch.randn(4, 5)}
-    torch.testing.assert_close(fl.fedavg([(s, 17)])["w"], s["w"])
+    torch.testing.assert_close(fedavg.fedavg([(s, 17)])["w"], s["w"])
 
 
 def test_fedavg_keeps_dtypes():
     a = {"h": torch.tensor([1.0, 3.0], dtype=torch.float16), "f": torch.tensor([1.0])}
     b = {"h": torch.tensor([3.0, 5.0], dtype=torch.float16), "f": torch.tensor([2.0])}
-    out = fl.fedavg([(a, 1), (b, 1)])
+    out = fedavg.fedavg([(a, 1), (b, 1)])
     assert out["h"].dtype == torch.float16
     assert out["f"].dtype == torch.float32
     assert out["h"].tolist() == [2.0, 4.0]
@@ -59,7 +58,7 @@ def test_fedavg_accepts_a_generator():
             consumed.append(i)
             yield {"w": torch.tensor([float(i)])}, n
 
-    out = fl.fedavg(updates())
+    out = fedavg.fedavg(updates())
     assert consumed == [0, 1, 2]
     torch.testing.assert_close(out["w"], torch.tensor([(0 + 1 + 2 * 2) / 4]))
 
@@ -68,7 +67,7 @@ def test_fedavg_does_not_mutate_inputs():
     a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([5.0])}
     b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([7.0])}
     copies = [{k: v.clone() for k, v in s.items()} for s in (a, b)]
-    out = fl.fedavg([(a, 2), (b, 3)])
+    out = fedavg.fedavg([(a, 2), (b, 3)])
     for s, c in zip((a, b), copies, strict=True):
         assert s.keys() == c.keys()
         for k in s:
@@ -91,24 +90,24 @@ def test_fedavg_does_not_mutate_inputs():
 )
 def test_fedavg_bad_input_raises_value_error(updates, match):
     with pytest.raises(ValueError, match=match):
-        fl.fedavg(updates)
+        fedavg.fedavg(updates)
 
 
 def test_fedavg_different_shapes_raise():
     with pytest.raises(ValueError):
-        fl.fedavg([({"w": torch.ones(2)}, 1), ({"w": torch.tensor([3.0])}, 1)])
+        fedavg.fedavg([({"w": torch.ones(2)}, 1), ({"w": torch.tensor([3.0])}, 1)])
 
 
 def test_fedavg_empty_generator_raises():
     with pytest.raises(ValueError):
-        fl.fedavg(x for x in [])
+        fedavg.fedavg(x for x in [])
 
 
 def test_state_bytes():
     state = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16),
              "c": torch.zeros(2, 2, 2, dtype=torch.float64)}
-    assert fl.state_bytes(state) == 12 * 4 + 5 * 2 + 8 * 8
-    assert fl.state_bytes({}) == 0
+    assert fedavg.state_bytes(state) == 12 * 4 + 5 * 2 + 8 * 8
+    assert fedavg.state_bytes({}) == 0
 
 
 # ---------------------------------------------------------------- real tiny runs
@@ -124,7 +123,7 @@ def _trainable_numel(cfg) -> int:
 @pytest.mark.parametrize("method", ["bias", "lora"])
 def test_fl_rows_and_bytes(tiny_config, method):
     cfg = tiny_config(method=method, clients=3, sample=2, rounds=2)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     numel = _trainable_numel(cfg)
     assert out.state_bytes == 4 * numel
     assert out.trainable == numel
@@ -147,7 +146,7 @@ def test_fl_rows_and_bytes(tiny_config, method):
 
 
 def test_eval_every_skips_rounds_but_not_the_last(tiny_config):
-    out = fl.execute(tiny_config(method="head", rounds=3, eval_every=2), device="cpu")
+    out = builtin.execute(tiny_config(method="head", rounds=3, eval_every=2), device="cpu")
     assert [r["test_acc"] is None for r in out.rows] == [False, True, False, False]
 
 
@@ -157,11 +156,11 @@ def _strip_seconds(rows):
 
 def test_same_seed_same_run_other_seed_other_run(tiny_config):
     cfg = tiny_config(method="bias", clients=3, sample=2, rounds=2)
-    first = fl.execute(cfg, device="cpu")
-    second = fl.execute(cfg, device="cpu")
+    first = builtin.execute(cfg, device="cpu")
+    second = builtin.execute(cfg, device="cpu")
     assert _strip_seconds(first.rows) == _strip_seconds(second.rows)
     assert first.final == second.final
-    other = fl.execute(cfg.replace(seed=1), device="cpu")
+    other = builtin.execute(cfg.replace(seed=1), device="cpu")
     assert _strip_seconds(other.rows) != _strip_seconds(first.rows)
     assert [r["train_loss"] for r in other.rows[1:]] != [r["train_loss"] for r in first.rows[1:]]
 
@@ -179,7 +178,7 @@ def _check_final(out, cfg):
 
 def test_local_mode(tiny_config):
     cfg = tiny_config(method="bias", mode="local", clients=3, sample=2, rounds=2)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     _check_final(out, cfg)
     assert all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in out.rows)
     assert out.final["bytes_up"] == out.final["bytes_down"] == 0
@@ -189,19 +188,19 @@ def test_local_mode(tiny_config):
 
 def test_central_mode(tiny_config):
     cfg = tiny_config(method="bias", mode="central", clients=3, sample=2, rounds=2)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     _check_final(out, cfg)
     assert all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in out.rows)
     assert out.final["bytes_up"] == out.final["bytes_down"] == 0
     assert all(math.isfinite(r["train_loss"]) for r in out.rows[1:])
-    assert out.rows[-1]["train_loss"] != fl.execute(cfg.replace(mode="fl"),
+    assert out.rows[-1]["train_loss"] != builtin.execute(cfg.replace(mode="fl"),
                                                     device="cpu").rows[-1]["train_loss"]
 
 
 def test_fedavg_full_finetuning_learns_digits(tiny_config):
     cfg = tiny_config(method="full", optimizer="adamw", lr=1e-3, partition="iid", clients=4,
                       sample=4, local_epochs=3, rounds=8, batch_size=32)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     # chance is 0.1; measured ~0.72 (seeds 0-2)
     assert out.final["initial_test_acc"] < 0.2
     assert out.final["test_acc"] >= 0.5
@@ -237,7 +236,7 @@ def test_clip_head_is_clips_own_similarity():
 
 def test_clip_initial_accuracy_is_recorded(tiny_config):
     cfg = tiny_config(model="clip-tiny", method="head", rounds=1)
-    out = fl.execute(cfg, device="cpu")
+    out = builtin.execute(cfg, device="cpu")
     assert out.final["initial_test_acc"] == out.rows[0]["test_acc"]
 
     # the same number, computed independently: the zero-shot head on the test set
@@ -255,7 +254,7 @@ def test_clip_initial_accuracy_is_recorded(tiny_config):
 
 
 def _counting_encoder(monkeypatch) -> list[int]:
-    """Count the encoder's forward calls inside fl.execute; the list holds one count."""
+    """Count the encoder's forward calls inside builtin.execute; the list holds one count."""
     calls = [0]
     build = models.build
 
@@ -277,9 +276,9 @@ def test_head_only_on_cached_features_gives_the_uncached_metrics(tiny_config, mo
                       batch_size=32, optimizer="adamw", lr=3e-3, partition="dirichlet:0.5",
                       val_fraction=val)
     calls = _counting_encoder(monkeypatch)
-    cached = fl.execute(cfg, device="cpu")
+    cached = builtin.execute(cfg, device="cpu")
     encoded = calls[0] - 1  # the first call: the zero-shot evaluation before the method
-    uncached = fl.execute(cfg, device="cpu", cache_features=False)
+    uncached = builtin.execute(cfg, device="cpu", cache_features=False)
     # the encoder ran once over the training pool and (not in a validation run) the test
     # set, in batches of 512
     dataset = data.load("digits")
@@ -301,7 +300,7 @@ def test_head_only_on_cached_features_gives_the_uncached_metrics(tiny_config, mo
 
 def test_cached_features_refuse_a_trainable_encoder():
     model = models.build("vit-tiny", [str(i) for i in range(10)], "none")
-    trainer = fl.Trainer(model, tuning.prepare(model, "bias"), None, torch.device("cpu"))
+    trainer = training.Trainer(model, tuning.prepare(model, "bias"), None, torch.device("cpu"))
     assert not trainer.encoder_frozen
     with pytest.raises(ValueError, match="frozen encoder"):
-        trainer.to_features(data.load("digits").test)
+        features.encode(trainer, data.load("digits").test)

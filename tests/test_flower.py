@@ -8,7 +8,7 @@ import pytest
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 from fedtune_core.runs import records as results
 from fedtune_core.runs import store
 
@@ -51,7 +51,7 @@ def test_bad_engine_is_refused_naming_it(tiny_config, changes, words):
 
 def test_the_builtin_loop_refuses_another_engines_config(tiny_config):
     with pytest.raises(ValueError, match="flower_app"):
-        fl.execute(tiny_config(engine="flower"))
+        builtin.execute(tiny_config(engine="flower"))
 
 
 def test_cli_refuses_a_bad_engine_writing_nothing(run_cli, tmp_results):
@@ -73,16 +73,16 @@ def _flower():
 def test_flower_simulation_equals_the_builtin_loop(tiny_config, model, method):
     flower_app = _flower()
     cfg = tiny_config(model=model, method=method, clients=3, sample=2, rounds=2)
-    builtin, flower = fl.execute(cfg), flower_app.execute(cfg.replace(engine="flower"))
-    assert len(flower.rows) == len(builtin.rows) == cfg.rounds + 1
-    for got, want in zip(flower.rows, builtin.rows, strict=True):
+    built_in, flower = builtin.execute(cfg), flower_app.execute(cfg.replace(engine="flower"))
+    assert len(flower.rows) == len(built_in.rows) == cfg.rounds + 1
+    for got, want in zip(flower.rows, built_in.rows, strict=True):
         for key in ("test_acc", "test_loss", "train_loss"):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["round"], key)
         assert (got["bytes_up"], got["bytes_down"]) == (want["bytes_up"], want["bytes_down"])
-    assert flower.final["samples_per_client"] == builtin.final["samples_per_client"]
+    assert flower.final["samples_per_client"] == built_in.final["samples_per_client"]
     for key in ("local_test_acc", "train_acc", "bytes_up", "bytes_down"):
-        assert flower.final[key] == pytest.approx(builtin.final[key], abs=1e-6), key
-    assert (flower.trainable, flower.state_bytes) == (builtin.trainable, builtin.state_bytes)
+        assert flower.final[key] == pytest.approx(built_in.final[key], abs=1e-6), key
+    assert (flower.trainable, flower.state_bytes) == (built_in.trainable, built_in.state_bytes)
 
 
 def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_results, tiny_config):
@@ -95,9 +95,9 @@ def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_result
     cfg = tiny_config(method="head", sample=1, rounds=1, engine="flower")
     record = store.kept(tmp_results, cfg)
     assert record and record["engine"] == "flower" and record["config"]["engine"] == "flower"
-    builtin = fl.execute(cfg.replace(engine="builtin"))
+    built_in = builtin.execute(cfg.replace(engine="builtin"))
     assert [r["test_acc"] for r in record["rounds"]] == pytest.approx(
-        [r["test_acc"] for r in builtin.rows], abs=1e-6)
+        [r["test_acc"] for r in built_in.rows], abs=1e-6)
 
 
 def test_a_profile_runs_its_fedavg_runs_on_the_engine_it_sets(tmp_path):

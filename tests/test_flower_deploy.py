@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower engine needs the extra: pip install -e '.[flower]'")
 
 from fedtune_core.config import RunConfig  # noqa: E402
-from fedtune_core.fl import fedavg as fl  # noqa: E402
+from fedtune_core.fl import builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 900  # seconds: only so that a broken federation fails instead of hanging CI
@@ -126,12 +126,12 @@ def test_flwr_run_writes_the_builtin_loops_numbers(federation, deploy_config, tm
     record = _record(results)
     assert record["status"] == "ok", record.get("error")
     assert record["engine"] == "flower" and record["hash"] == deploy_config.hash
-    builtin = fl.execute(deploy_config.replace(engine="builtin"))
+    built_in = builtin.execute(deploy_config.replace(engine="builtin"))
     assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
-    for got, want in zip(record["rounds"], builtin.rows, strict=True):
+    for got, want in zip(record["rounds"], built_in.rows, strict=True):
         assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1e-6)
         assert (got["bytes_up"], got["bytes_down"]) == (want["bytes_up"], want["bytes_down"])
-    assert record["final"]["samples_per_client"] == builtin.final["samples_per_client"]
+    assert record["final"]["samples_per_client"] == built_in.final["samples_per_client"]
 
 
 def test_a_supernode_killed_mid_round_fails_the_run_naming_it(federation, deploy_config,

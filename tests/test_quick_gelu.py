@@ -81,8 +81,8 @@ def test_quick_gelu_is_for_clip_only_and_recorded(tiny_config):
     with pytest.raises(ConfigError, match="true, false or unset"):
         RunConfig(model="clip-tiny", quick_gelu="yes")
     assert RunConfig(model="clip-tiny", quick_gelu=True).hash != RunConfig(model="clip-tiny").hash
-    from fedtune_core.fl import fedavg as fl
+    from fedtune_core.fl import builtin
 
-    out = fl.execute(tiny_config(model="clip-tiny", quick_gelu=True, rounds=1), device="cpu")
+    out = builtin.execute(tiny_config(model="clip-tiny", quick_gelu=True, rounds=1), device="cpu")
     assert out.weights["quick_gelu"] is True and out.weights["quick_gelu_from"] == (
         "set in the config")

@@ -20,8 +20,7 @@ import torch
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data, models
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import data, models, training
 from fedtune_core.study import grid, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +45,7 @@ def test_every_paper_method_takes_a_step_at_224(backbone):
         cfg = RunConfig(model=name, weights="none", method=settings["method"],
                         method_options=settings.get("method_options", {}), batch_size=2,
                         optimizer="adamw", lr=1e-4)
-        trainer = fl.Trainer(model, names, cfg, torch.device("cpu"))
+        trainer = training.Trainer(model, names, cfg, torch.device("cpu"))
         before = trainer.state()
         loss = trainer.fit(split, 1, (0, 1, 0))
         assert math.isfinite(loss), variant

@@ -7,7 +7,7 @@ import pytest
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 from fedtune_core.runs import claims, store
 from fedtune_core.runs import records as results
 from fedtune_core.study import tidy
@@ -22,23 +22,23 @@ def _files(path):
 
 @pytest.fixture
 def count_execute(monkeypatch):
-    """Wrap fl.execute, counting its calls."""
+    """Wrap builtin.execute, counting its calls."""
     calls = []
-    real = fl.execute
+    real = builtin.execute
 
     def counted(cfg, **kwargs):
         calls.append(cfg.hash)
         return real(cfg, **kwargs)
 
-    monkeypatch.setattr(fl, "execute", counted)
+    monkeypatch.setattr(builtin, "execute", counted)
     return calls
 
 
 def _forbid_execute(monkeypatch):
     def boom(*args, **kwargs):
-        raise AssertionError("fl.execute must not be called for a cached run")
+        raise AssertionError("builtin.execute must not be called for a cached run")
 
-    monkeypatch.setattr(fl, "execute", boom)
+    monkeypatch.setattr(builtin, "execute", boom)
 
 
 def test_run_writes_one_complete_record(tmp_results, tiny_config, count_execute):
@@ -100,7 +100,7 @@ def test_failed_run_is_recorded_and_retried(tmp_results, tiny_config, monkeypatc
         calls.append(1)
         raise RuntimeError("boom in training")
 
-    monkeypatch.setattr(fl, "execute", broken)
+    monkeypatch.setattr(builtin, "execute", broken)
     record = claims.run(cfg, tmp_results, device="cpu")
     assert record["status"] == "failed"
     assert record["error"] == "RuntimeError: boom in training"
@@ -122,7 +122,7 @@ def test_config_error_propagates_and_writes_nothing(tmp_results, tiny_config, mo
     def bad(*args, **kwargs):
         raise ConfigError("checkpoint unreadable")
 
-    monkeypatch.setattr(fl, "execute", bad)
+    monkeypatch.setattr(builtin, "execute", bad)
     with pytest.raises(ConfigError, match="checkpoint unreadable"):
         claims.run(cfg, tmp_results)
     assert _files(tmp_results) == []

@@ -19,7 +19,7 @@ import pytest
 from fedtune_core import files
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin
 from fedtune_core.runs import claims, store
 
 # the smallest run that still does everything: 2 clients, 1 round, tiny ViT on digits
@@ -144,7 +144,7 @@ def test_a_run_locked_by_a_live_process_is_waited_for_and_its_record_used(
     proc = _holder(path, source, hold=1.0, write=True)
     try:
         assert claims.run(cfg, tmp_path, wait=False) is None  # busy: skipped
-        monkeypatch.setattr(fl, "execute", _forbid)
+        monkeypatch.setattr(builtin, "execute", _forbid)
         assert claims.run(cfg, tmp_path) == record  # waited, then read its record
         err = capsys.readouterr().err
         assert f"run {cfg.hash} is being computed by pid {proc.pid}" in err
@@ -271,8 +271,8 @@ def test_a_grid_skips_a_run_another_process_holds_then_uses_its_record(tmp_path,
     source.write_text(json.dumps(record))
     holder = _holder(store.record_path(out, cfg), source, hold=2.0, write=True)
     computed = []
-    real = fl.execute
-    monkeypatch.setattr(fl, "execute", lambda c, **k: computed.append(c.hash) or real(c, **k))
+    real = builtin.execute
+    monkeypatch.setattr(builtin, "execute", lambda c, **k: computed.append(c.hash) or real(c, **k))
     try:
         records = grid.ensure(grid.load_profile(profile), out, jobs=1, progress=False)
     finally:

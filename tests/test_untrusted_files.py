@@ -19,8 +19,7 @@ from test_bad_inputs import TINY, _files, _images, _refused, _tiny_profile
 
 from fedtune_core import cli
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin, data
 from fedtune_core.runs import claims, store
 from fedtune_core.study.profile import load_profile
 
@@ -39,7 +38,7 @@ def _forbidden(*args, **kwargs):
                                    "linked image", "pipe named like an image"])
 def test_imagefolder_links_and_pipes_are_refused_in_one_line(plant, run_cli, tmp_path,
                                                               monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     root = tmp_path / "imgs"
     _images(root, {"cat": 6, "dog": 6})
     outside = tmp_path / "elsewhere"
@@ -135,7 +134,7 @@ def _kind(path: Path, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["folder", "pipe"])
 def test_run_refuses_a_record_or_lock_that_is_not_a_file_before_computing(
         where, kind, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     out = tmp_path / "res"
     path = store.record_path(out, RunConfig(**ONE))
     target = path if where == "record" else path.with_suffix(".lock")
@@ -147,7 +146,7 @@ def test_run_refuses_a_record_or_lock_that_is_not_a_file_before_computing(
 
 def test_grid_refuses_a_record_that_is_a_folder_before_computing_any_run(run_cli, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(fl, "execute", _forbidden)
+    monkeypatch.setattr(builtin, "execute", _forbidden)
     profile = _tiny_profile(tmp_path, 'weights = "none"\npartition = "iid"\nclients = 2\n'
                                       "sample = 2\nbatch_size = 64")
     out = tmp_path / "res"

@@ -29,7 +29,7 @@ SPLIT_SEED = 0  # the train/test split of datasets without one is fixed, whateve
 class Split:
     """Images (uint8, N x 3 x H x W) and labels (int64, N).
 
-    In a trainer's feature view (:meth:`fedtune_core.fl.fedavg.Trainer.to_features`) ``images``
+    In a trainer's feature view (:func:`fedtune_core.fl.features.encode`) ``images``
     holds the encoder's features instead (float32, N x width).
     """
 

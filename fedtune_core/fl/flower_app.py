@@ -4,7 +4,7 @@ Built on Flower's Message API (``flwr`` 1.42, the optional extra ``flower``). Th
 builds the model once per process, applies the run's tuning method, takes its split from
 fedtune's seeded partitioner by its ``partition-id``, and answers three messages: ``query``
 (which partition it holds), ``train`` (load the received trainable state, train with the
-same :class:`~fedtune_core.fl.fedavg.Trainer`, reply with its trainable state and sample count)
+same :class:`~fedtune_core.fl.training.Trainer`, reply with its trainable state and sample count)
 and ``evaluate`` (the final model on its own splits). The server
 (:mod:`fedtune_core.fl.flower_server`) starts from the same initial state, follows fedtune's
 seeded client schedule and averages with :func:`~fedtune_core.fl.fedavg.fedavg`, so a config gives
@@ -29,8 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data, flower_server
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin, data, features, fedavg, flower_server, training
 from fedtune_core.fl.flower_server import (
     CACHE_FEATURES,
     CONFIG,
@@ -65,24 +64,25 @@ def config_of(settings: Mapping[str, Any]) -> RunConfig:
 @dataclass
 class ClientSide:
     """What one process holds for a run: the model (built once), the partition's indices,
-    and the clients it has served, on the device (each built on first use)."""
+    and the clients it has served, on the device (each built on first use). When only the
+    head trains and features are cached, ``trainer`` is its head view and each client's
+    splits are encoded once (:mod:`fedtune_core.fl.features`)."""
 
     cfg: RunConfig
-    trainer: fl.Trainer
+    trainer: training.Trainer
     dataset: data.Dataset
     indices: list[tuple[Any, Any]]  # per partition: (train, own test) indices
-    cache_features: bool
-    clients: dict[int, fl.Client] = field(default_factory=dict)
+    clients: dict[int, training.Client] = field(default_factory=dict)
 
-    def client(self, pid: int) -> fl.Client:
+    def client(self, pid: int) -> training.Client:
         """Partition ``pid``'s own splits (encoded once when only the head trains)."""
         if pid not in self.clients:
             train_idx, test_idx = self.indices[pid]
             dev = self.trainer.device
             splits = [self.dataset.train.subset(i).to(dev) for i in (train_idx, test_idx)]
-            if self.cache_features and self.trainer.encoder_frozen:
-                splits = self.trainer.to_features(*splits)
-            self.clients[pid] = fl.Client(*splits)
+            if isinstance(self.trainer, features.HeadView):
+                splits = features.encode(self.trainer, *splits)
+            self.clients[pid] = training.Client(*splits)
         return self.clients[pid]
 
 
@@ -101,15 +101,16 @@ def client_side(settings: Mapping[str, Any], resolve: Resolve | None = None) -> 
     key = (cfg.hash, settings.get(DEVICE), settings.get(DATA_DIR))
     if key not in _SIDE:
         _SIDE.clear()  # a new run: let the last one's model go
-        fl.set_cpu_threads()
-        dev = fl.pick_device(settings.get(DEVICE, "auto"))
-        dataset, parts = fl.load_split(cfg, settings.get(DATA_DIR) or None)
+        training.set_cpu_threads()
+        dev = training.pick_device(settings.get(DEVICE, "auto"))
+        dataset, parts = builtin.load_split(cfg, settings.get(DATA_DIR) or None)
         path = settings.get(WEIGHTS) or (resolve(cfg) if resolve else None)
-        model = fl.build_model(cfg, dataset, path)
+        model = builtin.build_model(cfg, dataset, path)
         names = tuning.prepare(model, cfg.method, cfg.method_options)
-        _SIDE[key] = ClientSide(cfg, fl.Trainer(model, names, cfg, dev), dataset,
-                                fl.client_indices(cfg, parts),
-                                bool(settings.get(CACHE_FEATURES, True)))
+        trainer = training.Trainer(model, names, cfg, dev)
+        cache = bool(settings.get(CACHE_FEATURES, True)) and trainer.encoder_frozen
+        _SIDE[key] = ClientSide(cfg, features.HeadView(trainer) if cache else trainer, dataset,
+                                builtin.client_indices(cfg, parts))
     return _SIDE[key]
 
 
@@ -136,7 +137,8 @@ def client_app_for(settings: Mapping[str, Any] | None = None,
         here, pid = side(context), _partition_id(context)
         state = msg.content["arrays"].to_torch_state_dict()
         r = int(msg.content["config"]["round"])
-        update, n, loss = fl.client_step(here.cfg, here.trainer, state, here.client(pid), r, pid)
+        update, n, loss = fedavg.client_step(here.cfg, here.trainer, state, here.client(pid),
+                                             r, pid)
         return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(
             {"num-examples": n, "train-loss": loss})}), reply_to=msg)
 
@@ -161,9 +163,9 @@ def server_app_for(main: Callable[[Grid, Context], None]) -> ServerApp:
 
 def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = None,
             progress: bool = False, cache_features: bool = True,
-            weights_file: str | None = None) -> fl.Outcome:
+            weights_file: str | None = None) -> builtin.Outcome:
     """Run ``cfg`` through Flower's simulation engine (one virtual SuperNode per client);
-    what :func:`fedtune_core.fl.fedavg.execute` returns for ``engine = "flower"``."""
+    what :func:`fedtune_core.fl.builtin.execute` returns for ``engine = "flower"``."""
     from flwr.simulation import run_simulation
 
     settings = settings_of(cfg, **{DEVICE: device or "auto", DATA_DIR: data_root or "",

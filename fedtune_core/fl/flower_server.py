@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedtune_core import tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import builtin, features, fedavg, training
 
 # keys of a Flower run config (``flwr run --run-config``) that fedtune reads
 CONFIG, RESULTS, DEVICE, DATA_DIR = "fedtune-config", "results", "device", "data-dir"
@@ -43,30 +43,32 @@ class NodeLost(RuntimeError):
     """A SuperNode did not answer, or answered with an error; the message names it."""
 
 
-def serve(grid: Grid, cfg: RunConfig, settings: Mapping[str, Any]) -> fl.Outcome:
+def serve(grid: Grid, cfg: RunConfig, settings: Mapping[str, Any]) -> builtin.Outcome:
     """Run FedAvg for ``cfg`` over the SuperNodes of ``grid``; the run's outcome.
 
     Raises:
         NodeLost: too few SuperNodes connected, partitions that do not cover the federation,
             or a node lost mid-run (its partition and node id in the message).
     """
-    dev = fl.pick_device(settings.get(DEVICE, "auto"))
-    dataset, parts = fl.load_split(cfg, settings.get(DATA_DIR) or None)
-    model = fl.build_model(cfg, dataset, settings.get(WEIGHTS) or None)
+    dev = training.pick_device(settings.get(DEVICE, "auto"))
+    dataset, parts = builtin.load_split(cfg, settings.get(DATA_DIR) or None)
+    model = builtin.build_model(cfg, dataset, settings.get(WEIGHTS) or None)
     if cfg.val_fraction:
-        held = [b for _, b in fl.client_indices(cfg, parts)]
+        held = [b for _, b in builtin.client_indices(cfg, parts)]
         evaluation = dataset.train.subset(np.concatenate(held)).to(dev)
     else:
         evaluation = dataset.test.to(dev)
-    as_built = fl.Trainer(model, [], cfg, dev).evaluate(evaluation)
-    trainer = fl.Trainer(model, tuning.prepare(model, cfg.method, cfg.method_options), cfg, dev)
+    as_built = training.Trainer(model, [], cfg, dev).evaluate(evaluation)
+    names = tuning.prepare(model, cfg.method, cfg.method_options)
+    trainer = training.Trainer(model, names, cfg, dev)
     if settings.get(CACHE_FEATURES, True) and trainer.encoder_frozen:
-        (evaluation,) = trainer.to_features(evaluation)
+        (evaluation,) = features.encode(trainer, evaluation)
+        trainer = features.HeadView(trainer)
     initial = trainer.evaluate(evaluation)
     link = _Link(grid, float(settings.get(REPLY_TIMEOUT, 3600.0)))
     nodes = link.partitions(cfg.clients, float(settings.get(NODE_TIMEOUT, 600.0)))
     state, samples, rows = trainer.state(), np.zeros(cfg.clients, dtype=np.int64), []
-    for r, chosen in enumerate(fl.schedule(cfg), start=1):
+    for r, chosen in enumerate(fedavg.schedule(cfg), start=1):
         t0 = time.perf_counter()
         sent = ArrayRecord(state)
         replies = link.exchange(MessageType.TRAIN, [int(c) for c in chosen], nodes, r,
@@ -76,13 +78,14 @@ def serve(grid: Grid, cfg: RunConfig, settings: Mapping[str, Any]) -> fl.Outcome
         samples[chosen] += cfg.local_epochs * np.array(counts)
         updates = ((rep["arrays"].to_torch_state_dict(), n)
                    for rep, n in zip(replies, counts, strict=True))
-        state, evaluated = fl.server_step(cfg, trainer, evaluation, r, updates)
+        state, evaluated = fedavg.server_step(cfg, trainer, evaluation, r, updates)
         loss = float(np.mean([rep["metrics"]["train-loss"] for rep in replies]))
         up = sum(carried(rep["arrays"]) for rep in replies)
-        rows.append(fl.row(r, evaluated, loss, up, len(chosen) * carried(sent),
+        rows.append(fedavg.row(r, evaluated, loss, up, len(chosen) * carried(sent),
                            time.perf_counter() - t0))
     final = _final(link, cfg, nodes, ArrayRecord(state), rows)
-    return fl.outcome(cfg, trainer, rows, final | fl.samples_metrics(samples), as_built, initial)
+    return builtin.outcome(cfg, trainer, rows, final | fedavg.samples_metrics(samples),
+                           as_built, initial)
 
 
 def _final(link: _Link, cfg: RunConfig, nodes: dict[int, int], state: ArrayRecord,

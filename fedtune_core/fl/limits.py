@@ -7,7 +7,7 @@ after :attr:`Limits.train_steps` steps and each evaluation reads its first
 configs are its own, in their own results folder); the grid puts them in the environment
 variable :data:`ENV` while it runs a rehearsal profile, so every worker of every backend
 (pool processes inherit it, Ray tasks get the driver's ``FEDTUNE_*`` variables) reads them
-in :func:`fedtune_core.fl.fedavg.execute`.
+in :func:`fedtune_core.fl.builtin.execute`.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from multiprocessing.connection import wait
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, check_choice, check_range
-from fedtune_core.fl import fedavg as fl
+from fedtune_core.fl import training as fl
 from fedtune_core.runs import records as results
 
 BACKENDS = ("pool", "ray")

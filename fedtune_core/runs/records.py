@@ -71,7 +71,7 @@ def _engine(cfg: RunConfig, device: str | None, data_root: str | None,
     from fedtune_core.proxy import pretrain
 
     if cfg.engine == "builtin":
-        from fedtune_core.fl import fedavg as engine
+        from fedtune_core.fl import builtin as engine
     elif importlib.util.find_spec("flwr") is None:
         raise ConfigError(f"engine {cfg.engine!r} needs Flower, which is not installed here: "
                           "pip install -e '.[flower]' (or use engine 'builtin')")
