@@ -6,7 +6,9 @@ A ground-floor module: it imports nothing of fedtune's, so every other module ca
 from __future__ import annotations
 
 import math
+import numbers
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
@@ -79,8 +81,22 @@ def check_choice(what: str, value: Any, valid) -> None:
         raise ConfigError(f"unknown {what} {value!r}; valid choices: {choices(valid)}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number: an int or a float (not a bool), neither NaN
+    nor infinite. The one number check of configs, profiles and records."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def check_finite(round: int, metrics: Mapping[str, Any]) -> None:
+    """Raise :class:`Diverged` at the first of ``metrics`` (name -> value) that is a real
+    number but not finite (NaN, infinite); None and other values pass. The one non-finite
+    check of a run's metrics: the loop's rows and the record's safety net."""
+    for what, value in metrics.items():
+        if (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+                and not math.isfinite(value)):
+            raise Diverged(round, what, value)
 
 
 def check_range(what: str, value: float, low: float | None = None, high: float | None = None,
@@ -89,7 +105,7 @@ def check_range(what: str, value: float, low: float | None = None, high: float |
     lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
     hi = "" if high is None else f"<= {high}"
     bounds = " and ".join(x for x in (lo, hi) if x)
-    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
+    if not is_number(value):
         raise ConfigError(f"{what} must be a finite number{' ' + bounds if bounds else ''}, "
                           f"got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedtune_core import files
 from fedtune_core.errors import ConfigError, check_choice
-from fedtune_core.specs import BACKBONES, BackboneSpec, check_weights, resolve_weights
+from fedtune_core.specs import BACKBONES, BackboneSpec, check_weights, resolve_weights, split_id
 
 # bump when the corpus generator, the training or the probe change what they produce (a
 # sidecar's probe numbers are copied into run records); 2: the probe's C grid up to 1,000;
@@ -130,12 +130,6 @@ def cached(model: str, name: str, recipe: Recipe | None = None) -> dict | None:
 
 
 # ----------------------------------------------------------------- weights of a run
-
-
-def split_id(weights: str) -> tuple[str, str | None]:
-    """``glyphs-strong@<hash>`` -> ``("glyphs-strong", "<hash>")``; anything else unchanged."""
-    name, _, digest = weights.partition("@")
-    return (name, digest) if digest else (weights, None)
 
 
 def check_run_weights(model: str, weights: str) -> None:

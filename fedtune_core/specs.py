@@ -48,6 +48,13 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def split_id(weights: str) -> tuple[str, str | None]:
+    """``glyphs-strong@<hash>`` -> ``("glyphs-strong", "<hash>")``; without ``@``, the value
+    and None. The one parse of a weights value's name (records write ``<recipe>@<hash>``)."""
+    name, _, digest = weights.partition("@")
+    return name, digest or None
+
+
 def check_weights(model: str, weights: str) -> None:
     """Validate a weights value without touching the network.
 
@@ -60,7 +67,7 @@ def check_weights(model: str, weights: str) -> None:
         raise ConfigError(f"weights must be auto, none, a hub tag or a checkpoint file, "
                           f"got {weights!r}")
     spec = BACKBONES[model]
-    if weights in ("auto", "none") or weights.partition("@")[0] in spec.recipes:
+    if weights in ("auto", "none") or split_id(weights)[0] in spec.recipes:
         return
     if _looks_like_path(weights):
         if not Path(weights).is_file():
@@ -107,8 +114,8 @@ def resolve_weights(model: str, weights: str) -> tuple[str, str | None]:
         return ("recipe", spec.recipes[-1]) if spec.recipes else ("none", None)
     if weights == "none":
         return "none", None
-    if weights.partition("@")[0] in spec.recipes:
-        return "recipe", weights.partition("@")[0]
+    if (name := split_id(weights)[0]) in spec.recipes:
+        return "recipe", name
     if _looks_like_path(weights):
         return "file", weights
     return "hub", weights

@@ -224,6 +224,7 @@ def test_clip_head_is_clips_own_similarity():
 
     # the logits are CLIP's zero-shot logits, computed by open_clip itself
     torch.manual_seed(0)
+    models.register_configs()
     clip = open_clip.create_model("fedtune-clip-tiny").eval()
     text = open_clip.get_tokenizer("fedtune-clip-tiny")([f"a photo of a {i}." for i in range(10)])
     x = torch.randn(4, 3, 32, 32)

@@ -47,6 +47,7 @@ def test_clip_checkpoint_round_trip(tmp_path):
     import open_clip
 
     torch.manual_seed(1)
+    models.register_configs()
     clip = open_clip.create_model("fedtune-clip-tiny")
     path = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), path)

@@ -23,6 +23,7 @@ def clip_files(tmp_path_factory):
     """A tiny CLIP saved twice: as a TorchScript archive (OpenAI's format) and a state dict."""
     folder = tmp_path_factory.mktemp("clip")
     torch.manual_seed(1)
+    models.register_configs()
     clip = open_clip.create_model("fedtune-clip-tiny").eval()
     example = (torch.randn(1, 3, 32, 32), torch.zeros(1, clip.context_length, dtype=torch.long))
     with torch.no_grad(), warnings.catch_warnings():

@@ -8,7 +8,6 @@ the tensors that travel. The same client and server steps run in every engine.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import Diverged
+from fedtune_core.errors import check_finite
 from fedtune_core.fl import data
 from fedtune_core.fl.training import Client, State, Trainer
 
@@ -77,9 +76,7 @@ def row(r: int, test: tuple[float, float] | None, train_loss: float, up: int, do
          seconds: float, **extra: Any) -> dict[str, Any]:
     """One round's metrics. Raises :class:`Diverged` if a loss or accuracy is not finite."""
     acc, loss = test if test else (None, None)
-    for what, value in (("train_loss", train_loss), ("test_loss", loss), ("test_acc", acc)):
-        if value is not None and not math.isfinite(value):
-            raise Diverged(r, what, value)
+    check_finite(r, {"train_loss": train_loss, "test_loss": loss, "test_acc": acc})
     return {"round": r, "test_acc": acc, "test_loss": loss, "train_loss": train_loss,
             "bytes_up": up, "bytes_down": down, "seconds": seconds, **extra}
 

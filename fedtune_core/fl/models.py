@@ -9,6 +9,7 @@ the package, ``vit-tiny`` a set of timm kwargs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,6 +155,7 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
                      text_head: bool, quick_gelu: bool) -> Classifier:
     import open_clip
 
+    register_configs()
     # The activation: from the weights or the config (specs.resolve_quick_gelu).
     with quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
         clip = open_clip.create_model(spec.arch, pretrained=source if kind == "hub" else None,
@@ -215,10 +217,10 @@ def quiet_root_logger(quiet: bool):
 _BUILDERS = {"open_clip": _build_open_clip, "timm": _build_timm}
 
 
-def _register_configs() -> None:
+@functools.cache
+def register_configs() -> None:
+    """Make our open_clip JSON model configs (``clip-tiny``) known to open_clip; once, on
+    first use (not at import: importing fedtune changes no library's state)."""
     import open_clip
 
     open_clip.add_model_config(Path(__file__).parents[1] / "model_configs")
-
-
-_register_configs()

@@ -108,6 +108,7 @@ class Contrastive(Objective):
     def __init__(self, spec: models.BackboneSpec, recipe: Any):
         import open_clip
 
+        models.register_configs()
         with models.quiet_root_logger(True):  # "initialised randomly": that is the point
             clip = open_clip.create_model(spec.arch, pretrained=None)
         pre = clip.visual.preprocess_cfg

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import time
 import traceback
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import Diverged
+from fedtune_core.errors import Diverged, check_finite
 from fedtune_core.runs import store
 from fedtune_core.runs.provenance import environment
 
@@ -101,9 +100,7 @@ def _check_finite(rows: list[dict], final: dict) -> None:
     """Raise :class:`Diverged` at the first non-finite metric (a safety net under the loop)."""
     last = rows[-1]["round"] if rows else 0
     for row in [*rows, final]:
-        for key, value in row.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise Diverged(row.get("round", last), key, value)
+        check_finite(row.get("round", last), row)
 
 
 def _failure(err: BaseException) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from fedtune_core import files, lock
 from fedtune_core.config import OMITTED_AT_DEFAULT, RunConfig
-from fedtune_core.errors import ConfigError, diagnostics, shown
+from fedtune_core.errors import ConfigError, diagnostics, is_number, shown
 from fedtune_core.lock import Lock
 
 SCHEMA = 1
@@ -76,18 +76,13 @@ def _nonfinite(rounds: list[dict], final: dict) -> str | None:
         if not isinstance(row.get("round", 0), int) or isinstance(row.get("round"), bool):
             return f"a round number {row['round']!r} that is not a whole number"
         where = f"round {row['round']}" if "round" in row else "the final metrics"
-        if row.get("round", 0) >= 1 and not _is_number(row.get("train_loss")):
+        if row.get("round", 0) >= 1 and not is_number(row.get("train_loss")):
             return f"no finite train_loss in {where} (a diverged run recorded as ok)"
         for key, value in row.items():
             loss = key[: -len("_acc")] + "_loss" if key.endswith("_acc") else None
-            if _is_number(value) and loss in row and not _is_number(row[loss]):
+            if is_number(value) and loss in row and not is_number(row[loss]):
                 return f"no finite {loss} in {where} (a diverged run recorded as ok)"
     return None
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def warn_once(path: str | os.PathLike, why: str) -> None:

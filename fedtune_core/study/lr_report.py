@@ -10,6 +10,7 @@ import os
 
 import pandas as pd
 
+from fedtune_core import specs
 from fedtune_core.config import RunConfig
 from fedtune_core.runs import store
 from fedtune_core.study import selection, tidy
@@ -131,4 +132,4 @@ def _group_columns(group: selection.Group) -> dict[str, object]:
     fields = group.fields
     return {"group": group.key, "dataset": fields["dataset"], "model": fields["model"],
             "variant": tidy.method_label(fields), "optimizer": fields["optimizer"],
-            "weights": str(fields["weights"]).split("@")[0]}  # a recipe without its hash
+            "weights": specs.split_id(str(fields["weights"]))[0]}  # a recipe, no hash

@@ -20,7 +20,6 @@ import seaborn as sns
 
 from fedtune_core.study import measures
 
-sns.set_theme(style="whitegrid", context="notebook")
 DPI = 150  # of the saved PNGs; notebooks show them at 100 pixels per inch
 
 
@@ -98,6 +97,12 @@ FIGURES: dict[str, FigureInfo] = {
 }
 
 
+def theme() -> None:
+    """The look of every figure (seaborn's whitegrid, notebook context): set by each plotting
+    function when it draws, never at import."""
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
 def figure_info(name: str) -> FigureInfo:
     """The entry of ``name`` in :data:`FIGURES`; a clear error naming the known ones."""
     if name not in FIGURES:
@@ -158,6 +163,7 @@ def accuracy_curves(rounds: pd.DataFrame, hue: str = "variant", col: str = "mode
                     row: str | None = None, y: str = "test_acc") -> sns.FacetGrid:
     """Test accuracy per round, one panel per ``col``; band = spread over seeds."""
     data = rounds.dropna(subset=[y])
+    theme()
     grid = sns.relplot(data=data, x="round", y=y, hue=hue, col=col, row=row, kind="line",
                        errorbar="sd", marker="o", markersize=4, height=3.2, aspect=1.2,
                        facet_kws={"sharey": True})
@@ -180,6 +186,7 @@ def pareto(runs: pd.DataFrame, x: str, xlabel: str, hue: str = "variant",
     table = summarise(runs, [style, hue], "final_test_acc")
     costs = runs.groupby([style, hue], sort=False)[x].mean().reset_index()
     table = table.merge(costs, on=[style, hue])
+    theme()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     palette = dict(zip(table[hue].unique(), sns.color_palette(n_colors=table[hue].nunique()),
                        strict=True))
@@ -226,6 +233,7 @@ def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
     Every setting that is not ``x``, ``hue``, ``col`` or ``row`` must be fixed, or the bars
     mix settings. ``reference`` draws a dashed line per ``col`` value (e.g. zero-shot).
     """
+    theme()
     grid = sns.catplot(data=runs, x=x, y=value, hue=hue, col=col, row=row, kind="bar",
                        errorbar="sd", capsize=0.1, height=3.4, aspect=1.3)
     grid.set_axis_labels(x, ylabel)
@@ -243,6 +251,7 @@ def grouped_bars(runs: pd.DataFrame, x: str, hue: str, col: str | None = None,
 
 def shots_curve(runs: pd.DataFrame, hue: str = "model", style: str = "variant") -> plt.Figure:
     """Final accuracy against shots per class per client (log2 axis)."""
+    theme()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sns.lineplot(data=runs, x="shots", y="final_test_acc", hue=hue, style=style, marker="o",
                  errorbar="sd", ax=ax)

@@ -30,7 +30,7 @@ from typing import Any
 
 from fedtune_core.checks import MAX_RUNS_ENV, max_runs
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import SEED_MAX, ConfigError, check_choice
+from fedtune_core.errors import SEED_MAX, ConfigError, check_choice, is_number
 from fedtune_core.study import selection
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -242,11 +242,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def _seeds(value: Any) -> bool | str:
     ok = (isinstance(value, list) and value
           and all(_is_int(v) and 0 <= v <= SEED_MAX for v in value))
@@ -281,7 +276,7 @@ def check_lr(method: str, lr: Any) -> str | None:
         except ConfigError as err:
             return f"lr.{method}: {err}"
         return None
-    if not _is_number(lr) or lr <= 0:
+    if not is_number(lr) or lr <= 0:
         return (f"lr.{method} must be a learning rate (a finite number > 0) or "
                 f"{{ select = [candidate rates] }}, got {lr!r}")
     return None

@@ -16,7 +16,7 @@ import mistune
 import pandas as pd
 from markupsafe import Markup
 
-from fedtune_core import files
+from fedtune_core import files, specs
 from fedtune_core.fl import models
 from fedtune_core.study import plots, tidy, verdicts
 from fedtune_core.study.lr_report import lr_choices as lr_choices  # re-exported for the notebooks
@@ -103,7 +103,7 @@ def _checkpoint(record: dict) -> tuple[str, float]:
         return "random init", 0.0
     if w.get("kind") == "recipe":
         return str(w.get("recipe")), float(w.get("steps") or 0)
-    return str(record["config"]["weights"]).split("@")[0], float("inf")
+    return specs.split_id(str(record["config"]["weights"]))[0], float("inf")
 
 
 def family(model: str) -> str:

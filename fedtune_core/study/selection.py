@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedtune_core.config import RunConfig
-from fedtune_core.errors import ConfigError, check_range
+from fedtune_core.errors import ConfigError, check_range, is_number
 
 # Fields that do not define a group: the rate itself, the seed, and the federation and
 # evaluation knobs that differ between experiments (sweeps run in the base setting).
@@ -207,8 +207,7 @@ def choose(records: Sequence[Mapping[str, Any]]) -> tuple[float | None, list[dic
 def _rank(score: dict[str, Any]) -> tuple[float, float, float]:
     """Sort key: higher validation accuracy, then lower (finite) loss, then smaller rate."""
     loss = score["val_loss"]
-    finite = isinstance(loss, int | float) and math.isfinite(loss)
-    return -score["val_acc"], loss if finite else math.inf, score["lr"]
+    return -score["val_acc"], loss if is_number(loss) else math.inf, score["lr"]
 
 
 def decide(groups: Iterable[Group], results: str | os.PathLike) -> dict[str, Choice]:
