@@ -84,7 +84,7 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     them).
     """
     from fedtune_core.errors import in_notebook
-    from fedtune_core.fl.fedavg import set_cpu_threads
+    from fedtune_core.fl.training import set_cpu_threads
     from fedtune_core.runs import backends, store
 
     if profile.rehearsal:  # its stand-in data, and every run capped (see limits.py)
@@ -216,7 +216,7 @@ def default_jobs(device: str | None, backend: str = "pool") -> int:
     """
     import torch
 
-    from fedtune_core.fl.fedavg import pick_device
+    from fedtune_core.fl.training import pick_device
 
     if backend == "ray":
         return 0
@@ -242,7 +242,7 @@ def cmd_grid(args) -> int:
             print(f"{name:<16}{total:>6} runs{hit:>6} cached{total - hit:>6} to run{note}")
         return 0
     check_results_folder(results)
-    from fedtune_core.fl.fedavg import pick_device  # torch: only once the arguments are checked
+    from fedtune_core.fl.training import pick_device  # torch: only once the arguments are checked
 
     if args.backend != "ray":  # with Ray the device is the workers'
         pick_device(args.device)

@@ -159,7 +159,7 @@ def cmd_rehearse(args, source: Profile) -> int:
     if args.rehearse_batch is not None:
         check_int("--rehearse-batch", args.rehearse_batch, 1, 65_536)
     check_results_folder(folder)
-    from fedtune_core.fl.fedavg import pick_device
+    from fedtune_core.fl.training import pick_device
 
     device = pick_device(None if args.backend == "ray" else args.device)
     batch = args.rehearse_batch or (rehearsal.CPU_BATCH if device.type == "cpu" else
