@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from bs4 import BeautifulSoup  # noqa: E402
 
-from fedtune_core.study import grid, plots, report, verdicts  # noqa: E402
+from fedtune_core.study import grid, index_page, plots, report, verdicts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The findings' verdicts, in an order unlike the marks' table; the first is yet unknown.
@@ -47,7 +47,7 @@ def index(tmp_path) -> BeautifulSoup:
     for name in ("01_pareto_parameters", "01_accuracy_per_round", "04_global_test", "extra"):
         _tiny_png(tmp_path / "figures" / f"{name}.png")
     profile = grid.load_profile("smoke")
-    path = report.write_index(tmp_path, profile, _table())
+    path = index_page.write_index(tmp_path, profile, _table())
     return BeautifulSoup(path.read_text(), "html.parser")
 
 

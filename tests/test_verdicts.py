@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from fedtune_core.study import measures, plots, report, stats, verdicts
+from fedtune_core.study import index_page, measures, plots, report, stats, verdicts
 from fedtune_core.study.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 SEEDS = (0, 1, 2)
@@ -276,7 +276,7 @@ def test_index_shows_effect_interval_and_seeds_per_verdict(tmp_path):
             + _methods("vit-tiny", {"bias": 0.85, "full": 0.90, "head": 0.8}, flip=True))
     profile = report.Profile("hand", "", True, SEEDS, {}, {}, {}, {})
     table = report.findings(profile, {"tuning_methods": recs, "clip_vs_vit": recs})
-    page = report.write_index(tmp_path, profile, table).read_text()
+    page = index_page.write_index(tmp_path, profile, table).read_text()
     f2a = verdicts.clip_beats_vit(*report.frames(recs))
     p = stats.paired(*(report.frames(recs)[0].query(f"model == '{m}'").groupby("seed")
                        ["final_test_acc"].mean() for m in ("clip-tiny", "vit-tiny")))

@@ -286,12 +286,12 @@ def _log_to_stdout() -> None:
 
 
 def cmd_index(args) -> int:
-    from fedtune_core.study import report
+    from fedtune_core.study import index_page, report
 
     profile = load_profile(args.profile)
     folder = default_results(profile, args.results)
     by_experiment = {name: collect(profile, folder, name) for name in profile.experiments}
-    print(report.write_index(folder, profile, report.findings(profile, by_experiment),
+    print(index_page.write_index(folder, profile, report.findings(profile, by_experiment),
                              absent(profile, folder)))
     return 0
 
