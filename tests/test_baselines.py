@@ -24,14 +24,14 @@ def _record(argv: list[str], results: Path, capsys) -> dict:
 
 
 def test_local_and_central_records_process_fedavgs_samples(tmp_results, capsys):
-    fedavg, local, central = (_record(SMALL + ["--mode", mode], tmp_results, capsys)["final"]
+    avg, local, central = (_record(SMALL + ["--mode", mode], tmp_results, capsys)["final"]
                               for mode in ("fl", "local", "central"))
     # the acceptance bound is 10%; by construction the work is the same, client by client
-    per_client = np.array(fedavg["samples_per_client"])
+    per_client = np.array(avg["samples_per_client"])
     assert np.mean(local["samples_per_client"]) == pytest.approx(per_client.mean(), rel=0.1)
-    assert local["samples_per_client"] == fedavg["samples_per_client"]
-    assert local["samples_processed"] == fedavg["samples_processed"] == per_client.sum()
-    assert central["samples_processed"] == fedavg["samples_processed"]
+    assert local["samples_per_client"] == avg["samples_per_client"]
+    assert local["samples_processed"] == avg["samples_processed"] == per_client.sum()
+    assert central["samples_processed"] == avg["samples_processed"]
     assert len(central["samples_per_client"]) == 5 and min(central["samples_per_client"]) > 0
 
     # FedAvg's count by hand: E x |train| of each client, in every round the sampler picks it
