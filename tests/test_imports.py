@@ -76,7 +76,7 @@ def test_the_cycle_check_finds_a_planted_circle():
 
 def test_the_graph_sees_imports_inside_functions():
     graph = _graph()
-    assert "fedtune_core.fl.fedavg" in graph["fedtune_core.cli"]  # imported inside cmd_run
+    assert "fedtune_core.fl.builtin" in graph["fedtune_core.cli"]  # imported inside cmd_run
     assert "fedtune_core.tuning.registry" in graph["fedtune_core.tuning.bias"]
 
 
