@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from fedtune_core import files
 from fedtune_core.study import measures
 
 DPI = 150  # of the saved PNGs; notebooks show them at 100 pixels per inch
@@ -120,8 +121,9 @@ def save(fig: plt.Figure, folder: str | os.PathLike, name: str) -> None:
     info = figure_info(name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(folder / f"{name}.{ext}", bbox_inches="tight", dpi=DPI)
+    for ext in ("png", "pdf"):  # atomically, like every file fedtune writes
+        with files.staged(folder / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, bbox_inches="tight", dpi=DPI)
     if _in_kernel():
         from IPython.display import display
 
