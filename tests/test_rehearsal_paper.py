@@ -80,7 +80,7 @@ mode = ["fl", "local", "central"]
 
 def _cut_paper(path: Path) -> None:
     """The paper profile's settings with small blocks; one rate selected, others fixed."""
-    text = (ROOT / "fedtune_core" / "profiles" / "paper.toml").read_text()
+    text = (ROOT / "fedtune_core" / "study" / "profiles" / "paper.toml").read_text()
     head, _ = text.split("[[tuning_methods]]", 1)
     head = head.replace("bias = { select = [3e-4, 1e-3, 3e-3] }", "bias = 1e-3")
     assert tomllib.loads(head)["lr"]["bias"] == 1e-3

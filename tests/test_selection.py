@@ -7,7 +7,6 @@ import pytest
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
-from fedtune_core.runs import records as results
 from fedtune_core.runs import store
 from fedtune_core.study import grid, report, selection
 
@@ -183,7 +182,7 @@ def test_beyond_steps_past_the_edge_by_the_candidates_own_ratio():
 
 
 def test_extension_sweeps_past_an_edge_winner_at_most_twice(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, "read_record", _reader())
+    monkeypatch.setattr(store, "read_record", _reader())
     group = selection.make_group(RunConfig(model="vit-tiny", weights="none", method="bias",
                                            lr=None), (1e-3, 1e-2), {}, selection.Settings(), 0)
     for cfg, acc in zip(group.sweeps, (0.5, 0.6), strict=True):
@@ -203,7 +202,7 @@ def test_extension_sweeps_past_an_edge_winner_at_most_twice(tmp_path, monkeypatc
 
 
 def test_an_interior_winner_is_final_and_test_metrics_never_extend(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, "read_record", _reader())
+    monkeypatch.setattr(store, "read_record", _reader())
     group = selection.make_group(RunConfig(model="vit-tiny", weights="none", method="bias",
                                            lr=None), (1e-3, 3e-3, 1e-2), {},
                                  selection.Settings(), 0)
