@@ -133,6 +133,7 @@ class Trainer:
         self.limits = limits
         self.meter = meter
         self.on_features = False  # True after to_features(): splits hold encoder features
+        self.on_inputs = False  # True after to_inputs(): splits hold preprocessed images
 
     @property
     def encoder_frozen(self) -> bool:
@@ -159,12 +160,33 @@ class Trainer:
         for split in splits:
             chunks = [split.images[s:s + batch] for s in range(0, len(split), batch)]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                feats = [self.model.features(self.pre(c)).float() for c in chunks]
+                feats = [self.model.features(self._inputs(c)).float() for c in chunks]
             out.append(data.Split(torch.cat(feats), split.labels))
         if self.meter:
             self._forward_timed(t0, sum(len(s) for s in splits))
         self.on_features = True
         return out
+
+    @torch.no_grad()
+    def to_inputs(self, *splits: data.Split, batch: int = 512) -> list[data.Split]:
+        """Preprocess ``splits`` once (resize, clamp, normalise: :class:`data.Preprocess`)
+        and switch to the input view, in which batches skip preprocessing.
+
+        Each image is preprocessed on its own, so the inputs are those a batch would get
+        (bitwise: ``tests/test_preprocess_once.py``); it saves recomputing them in every
+        batch of every round. Returns the splits with ``images`` as float32 model inputs.
+        """
+        out = []
+        for split in splits:
+            chunks = [split.images[s:s + batch] for s in range(0, len(split), batch)]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                inputs = [self.pre(c) for c in chunks] or [self.pre(split.images)]
+            out.append(data.Split(torch.cat(inputs), split.labels))
+        self.on_inputs = True
+        return out
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.on_inputs else self.pre(images)
 
     def state(self) -> State:
         """A copy of the trainable tensors: what a client sends."""
@@ -179,7 +201,9 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         params, cfg = list(self.params.values()), self.cfg
         if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+            # foreach: the for-loop step's numbers, bitwise, in fewer ops (tests/test_fl.py)
+            return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay,
+                                     foreach=True)
         return torch.optim.SGD(params, lr=cfg.resolved_lr, momentum=0.9,
                                weight_decay=cfg.weight_decay)
 
@@ -187,7 +211,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.on_features:
                 return self.model.head(inputs).float()
-            return self.model(self.pre(inputs)).float()
+            return self.model(self._inputs(inputs)).float()
 
     def fit(self, split: data.Split, epochs: int, seed: Iterable[int]) -> float:
         """Train on ``split`` for ``epochs`` with a fresh optimizer; return the mean loss.
@@ -485,6 +509,26 @@ def _encoded(trainer: Trainer, dataset: data.Dataset, cfg: RunConfig,
     return data.Dataset(dataset.name, feats[0], test, dataset.class_names)
 
 
+INPUTS_BUDGET = 256 * 2**20  # bytes: the most a run's preprocessed images may take
+
+
+def _inputs_fit(cfg: RunConfig, dataset: data.Dataset, model: models.Classifier) -> bool:
+    """Whether the run's images, preprocessed (float32 at the model's input size), fit
+    :data:`INPUTS_BUDGET` (the demo's digits: 22 MB; CIFAR at 224: 36 GB, so per batch)."""
+    count = len(dataset.train) + (0 if cfg.val_fraction else len(dataset.test))
+    return count * 3 * model.input_size ** 2 * 4 <= INPUTS_BUDGET
+
+
+def _preprocessed(trainer: Trainer, dataset: data.Dataset, cfg: RunConfig,
+                  dev: torch.device) -> data.Dataset:
+    """The dataset as model inputs, preprocessed once (:meth:`Trainer.to_inputs`); the
+    test set only where the run uses it (a validation run never touches it)."""
+    splits = [dataset.train.to(dev)] + ([] if cfg.val_fraction else [dataset.test.to(dev)])
+    inputs = trainer.to_inputs(*splits)
+    test = inputs[1] if len(inputs) > 1 else dataset.test
+    return data.Dataset(dataset.name, inputs[0], test, dataset.class_names)
+
+
 def _as_validation(metrics: dict[str, Any]) -> dict[str, Any]:
     """A validation run's metrics: every ``test`` in a name becomes ``val``."""
     return {k.replace("test", "val"): v for k, v in metrics.items()}
@@ -517,10 +561,15 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
     meter = Meter(dev) if limits else None  # from here: the run's peak memory
     dataset, parts = load_split(cfg, data_root)
     model = build_model(cfg, dataset, progress)
+    built = Trainer(model, [], cfg, dev, limits=limits, meter=meter)
+    once = limits is None and _inputs_fit(cfg, dataset, model)
+    if once:
+        dataset = _preprocessed(built, dataset, cfg, dev)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
-    as_built = Trainer(model, [], cfg, dev, limits=limits, meter=meter).evaluate(evaluation)
+    as_built = built.evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
     trainer = Trainer(model, names, cfg, dev, limits=limits, meter=meter)
+    trainer.on_inputs = once
     if cache_features and trainer.encoder_frozen:
         clients, evaluation = _clients(cfg, _encoded(trainer, dataset, cfg, dev), parts, dev)
     initial = trainer.evaluate(evaluation)
