@@ -303,3 +303,14 @@ def test_cached_features_refuse_a_trainable_encoder():
     assert not trainer.encoder_frozen
     with pytest.raises(ValueError, match="frozen encoder"):
         trainer.to_features(data.load("digits").test)
+
+
+def test_foreach_adamw_trains_the_for_loop_steps_numbers(tiny_config, monkeypatch):
+    cfg = tiny_config(method="full", clients=4, sample=2, rounds=1, batch_size=32)
+    fast = fl.execute(cfg, device="cpu")
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **k | {"foreach": False}))
+    slow = fl.execute(cfg, device="cpu")
+    assert [r["test_acc"] for r in fast.rows] == [r["test_acc"] for r in slow.rows]
+    assert [r["train_loss"] for r in fast.rows] == [r["train_loss"] for r in slow.rows]
+    assert fast.final == slow.final
