@@ -148,7 +148,7 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     its record used."""
     from tqdm import tqdm
 
-    from fedtune_core import backends, preflight, pretrain, recipes, store
+    from fedtune_core import backends, cost, preflight, pretrain, recipes, store
     from fedtune_core import results as res
 
     for cfg in cfgs:  # a record that could not be written is not computed
@@ -161,6 +161,7 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     pretrain.ensure_all(recipes.needed((c.model, c.weights) for c in todo),
                         max(where.jobs, 1), progress=progress)
     preflight.check(todo, data_root)
+    todo = cost.longest_first(todo)  # no worker idles at the end waiting for a long run
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     for wait in (False, True):  # then the runs other processes were computing
         if not todo:
