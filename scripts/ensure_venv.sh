@@ -4,12 +4,18 @@
 # local Ray instance and a Flower federation on localhost), run_all.sh for none (the study
 # needs no test tools, no Ray wheel and no Flower).
 # Re-installs only when pyproject.toml changed since the last install or an extra is missing.
+# Installs with uv where it can (seconds, not minutes: same requirements, same wheels), else pip.
 # Sourced by run_tests.sh and run_all.sh so both set up the same environment.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.fedtune-installed"
 extras="${FEDTUNE_EXTRAS-dev,ray,flower}"
+case "${FEDTUNE_INSTALLER:-uv}" in
+    uv|pip) ;;
+    *) echo "fedtune: unknown FEDTUNE_INSTALLER '$FEDTUNE_INSTALLER'; valid choices: uv, pip" >&2
+       exit 2 ;;
+esac
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
     echo "fedtune: creating $venv" >&2
@@ -52,7 +58,11 @@ if [ "$have_hash" != "$want" ] || [ -n "$missing" ]; then
     echo "fedtune: installing fedtune${extras:+ [$extras]} and its dependencies into $venv" >&2
     target="$root${extras:+[$extras]}"
     if ! _fedtune_uv_install "$venv" "$target"; then
-        echo "fedtune: uv was not usable here; installing with pip instead (a few minutes)" >&2
+        if [ "${FEDTUNE_INSTALLER:-uv}" = pip ]; then
+            echo "fedtune: installing with pip (FEDTUNE_INSTALLER=pip; a few minutes)" >&2
+        else
+            echo "fedtune: uv was not usable here; installing with pip instead (a few minutes)" >&2
+        fi
         "$venv/bin/python" -m pip install --quiet --upgrade pip
         "$venv/bin/python" -m pip install --quiet -e "$target"
     fi
