@@ -120,6 +120,7 @@ def _serve(conn, gpu: str | None) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     fl.set_cpu_threads()
+    fl.keep_built_models()  # a worker runs many runs of the same few models
     # tqdm's default lock is a named semaphore that a killed worker would leave behind
     from tqdm import tqdm
 

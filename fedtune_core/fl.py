@@ -8,6 +8,7 @@ Bytes are measured from the tensors that travel.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -591,12 +592,51 @@ def load_split(cfg: RunConfig, data_root: str | None
     return dataset, parts
 
 
+# models built in this process, for the next run of the same build, where a pool worker
+# asked for it (keep_built_models): key -> (the model as built, torch's RNG state after)
+_BUILT: dict[tuple, tuple[models.Classifier, torch.Tensor]] | None = None
+KEEP_BUILT = 32  # models kept at most, each under KEEP_BUILT_PARAMS parameters
+KEEP_BUILT_PARAMS = 5_000_000  # the tiny models (~0.1M); a ViT-B/16 is built every time
+
+
+def keep_built_models(keep: bool = True) -> None:
+    """From now on (``keep``) this process keeps small models it builds for later runs of
+    the same build (:func:`build_model`); pool workers do, one-off runs need not."""
+    global _BUILT
+    _BUILT = {} if keep else None
+
+
 def build_model(cfg: RunConfig, dataset: data.Dataset, progress: bool) -> models.Classifier:
     """The run's model as built from its weights, initialised from the run's seed (the
-    same in every process that builds it), before the tuning method is applied."""
+    same in every process that builds it), before the tuning method is applied.
+
+    After :func:`keep_built_models`, a small model built from a recipe's checkpoint (by its
+    sha256, checked on every use) or from random init is kept for the next run with the
+    same model, weights, classes, activation and seed: that run gets a copy and torch's RNG
+    as building would have left it, so what comes after (the method's modules, the head's
+    init) draws the same numbers (tests/test_fl.py).
+    """
     torch.manual_seed(cfg.seed)
-    return pretrain.build(cfg.model, dataset.class_names, cfg.weights,
-                          quick_gelu=cfg.quick_gelu, progress=progress)
+    kind, name = models.resolve_weights(cfg.model, cfg.weights)
+    if _BUILT is None or kind not in ("recipe", "none"):
+        return pretrain.build(cfg.model, dataset.class_names, cfg.weights,
+                              quick_gelu=cfg.quick_gelu, progress=progress)
+    if kind == "recipe":
+        recipes.check_run_weights(cfg.model, cfg.weights)
+    source = (pretrain.ensure(cfg.model, name, progress=progress)["sha256"]
+              if kind == "recipe" else "none")
+    key = (cfg.model, source, tuple(dataset.class_names), cfg.quick_gelu, cfg.seed)
+    if key in _BUILT:
+        model, rng = _BUILT[key]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model)
+    model = pretrain.build(cfg.model, dataset.class_names, cfg.weights,
+                           quick_gelu=cfg.quick_gelu, progress=progress)
+    if sum(p.numel() for p in model.parameters()) <= KEEP_BUILT_PARAMS:
+        if len(_BUILT) >= KEEP_BUILT:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = (copy.deepcopy(model), torch.get_rng_state())
+    return model
 
 
 def outcome(cfg: RunConfig, trainer: Trainer, rows: list[dict], final: dict[str, Any],

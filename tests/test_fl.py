@@ -314,3 +314,24 @@ def test_foreach_adamw_trains_the_for_loop_steps_numbers(tiny_config, monkeypatc
     assert [r["test_acc"] for r in fast.rows] == [r["test_acc"] for r in slow.rows]
     assert [r["train_loss"] for r in fast.rows] == [r["train_loss"] for r in slow.rows]
     assert fast.final == slow.final
+
+
+def test_a_worker_keeps_built_models_and_its_runs_keep_their_numbers(tiny_config, monkeypatch):
+    cfgs = [tiny_config(model="vit-tiny", method="bias"),
+            tiny_config(model="vit-tiny", method="lora"),  # the same build: a kept copy
+            tiny_config(model="clip-tiny", method="prompt", seed=1),
+            tiny_config(model="vit-tiny", method="adapter")]
+    fresh = [fl.execute(c, device="cpu") for c in cfgs]
+    built = []
+    real = fl.pretrain.build
+    monkeypatch.setattr(fl.pretrain, "build", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    fl.keep_built_models()
+    try:
+        kept = [fl.execute(c, device="cpu") for c in cfgs]
+    finally:
+        fl.keep_built_models(False)
+    assert built == ["vit-tiny", "clip-tiny"]  # each build once, then copies
+    for a, b in zip(fresh, kept, strict=True):
+        assert [r["test_acc"] for r in a.rows] == [r["test_acc"] for r in b.rows]
+        assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
+        assert a.final == b.final
