@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves between parallel bars
 
 
 def machine() -> str:
@@ -74,6 +75,7 @@ def cold_start(rev: str, keep: bool, warm_uv: bool, args: list[str]) -> dict:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for seconds, text in _segments(proc.stdout, t0):
             out.write(f"{seconds:9.2f} {text}\n")
+            out.flush()  # the log can be followed while it runs (the stamps are taken on reading)
         code = proc.wait()
     wall = time.time() - t0
     phases = parse(log.read_text())
@@ -106,7 +108,8 @@ def parse(timed: str) -> dict[str, float]:
     """Phase -> seconds, from a timestamped log (``SECONDS TEXT`` per line)."""
     lines = []
     for raw in timed.splitlines():
-        stamp, _, text = raw.strip().partition(" ")
+        stamp, _, text = ANSI.sub("", raw).strip().partition(" ")
+        text = text.strip()
         try:
             lines.append((float(stamp), text))
         except ValueError:
@@ -156,8 +159,9 @@ def parse(timed: str) -> dict[str, float]:
 
 
 def report(result: dict) -> None:
-    print(f"-- {result['rev']} ({result['commit']}): exit {result['exit']}, "
-          f"wall {_mmss(result['wall'])}; load average at the end {result['load_end']}")
+    wall = f"wall {_mmss(result['wall'])}; " if result["wall"] else ""
+    print(f"-- {result['rev']} ({result['commit']}): exit {result['exit']}, {wall}"
+          f"load average at the end {result['load_end']}")
     for name, seconds in result["phases"].items():
         print(f"   {name:<40}{_mmss(seconds):>10}")
     for name, seconds in result["checkpoints"].items():
