@@ -90,18 +90,45 @@ echo "== 1/3 runs"
     --backend "$backend" "${address[@]}" "${rerun[@]}" "${rehearse[@]}" || failures+=("runs (see 'failed:' lines above)")
 
 echo "== 2/3 notebooks"
-for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do
-    stem="$(basename "$nb" .ipynb)"
-    echo "-- $stem"
-    if "$bin/papermill" "$nb" "$out/notebooks/$stem.ipynb" --cwd "$root/notebooks" \
-            -p profile "$nb_profile" -p results_root "$results_root" -p device "$device" \
-            -p data_dir "$nb_data" --progress-bar --log-level WARNING; then
+# Each notebook is its own kernel process and only reads records, so they run side by side
+# (notebook_jobs at a time, default 2; one at a time with --jobs 1 or bash older than 5.1);
+# each one's output goes to its own log, shown in order once it has finished.
+notebook() {  # papermill, then the HTML report; a failure named in $out/logs/<stem>.failed
+    local stem="$1"
+    if "$bin/papermill" "$root/notebooks/$stem.ipynb" "$out/notebooks/$stem.ipynb" \
+            --cwd "$root/notebooks" -p profile "$nb_profile" -p results_root "$results_root" \
+            -p device "$device" -p data_dir "$nb_data" --log-level WARNING; then
         "$bin/jupyter" nbconvert --to html --no-input --log-level WARN \
             --output-dir "$out/reports" "$out/notebooks/$stem.ipynb" \
-            || failures+=("HTML export of $stem")
+            || echo "HTML export of $stem" > "$out/logs/$stem.failed"
     else
-        failures+=("notebook $stem (executed copy with the error: $out/notebooks/$stem.ipynb)")
+        echo "notebook $stem (executed copy with the error: $out/notebooks/$stem.ipynb)" \
+            > "$out/logs/$stem.failed"
     fi
+}
+notebook_jobs=2
+[ "$jobs" = 1 ] && notebook_jobs=1
+(( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )) && notebook_jobs=1  # wait -n PID...
+stems=()
+for nb in "$root"/notebooks/[0-9][0-9]_*.ipynb; do stems+=("$(basename "$nb" .ipynb)"); done
+running=()
+for stem in "${stems[@]}"; do
+    rm -f "$out/logs/$stem.failed"
+    while [ ${#running[@]} -ge $notebook_jobs ]; do
+        wait -n "${running[@]}"
+        alive=()
+        for pid in "${running[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        running=("${alive[@]}")
+    done
+    echo "-- $stem started ($(date -u +%T))"
+    notebook "$stem" > "$out/logs/$stem.log" 2>&1 &
+    running+=($!)
+done
+[ ${#running[@]} -gt 0 ] && wait "${running[@]}"
+for stem in "${stems[@]}"; do
+    echo "-- $stem"
+    cat "$out/logs/$stem.log"
+    [ -f "$out/logs/$stem.failed" ] && failures+=("$(cat "$out/logs/$stem.failed")")
 done
 
 echo "== 3/3 index"

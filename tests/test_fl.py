@@ -305,3 +305,36 @@ def test_cached_features_refuse_a_trainable_encoder():
     assert not trainer.encoder_frozen
     with pytest.raises(ValueError, match="frozen encoder"):
         features.encode(trainer, data.load("digits").test)
+
+
+def test_foreach_adamw_trains_the_for_loop_steps_numbers(tiny_config, monkeypatch):
+    cfg = tiny_config(method="full", clients=4, sample=2, rounds=1, batch_size=32)
+    fast = builtin.execute(cfg, device="cpu")
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **k | {"foreach": False}))
+    slow = builtin.execute(cfg, device="cpu")
+    assert [r["test_acc"] for r in fast.rows] == [r["test_acc"] for r in slow.rows]
+    assert [r["train_loss"] for r in fast.rows] == [r["train_loss"] for r in slow.rows]
+    assert fast.final == slow.final
+
+
+def test_a_worker_keeps_built_models_and_its_runs_keep_their_numbers(tiny_config, monkeypatch):
+    cfgs = [tiny_config(model="vit-tiny", method="bias"),
+            tiny_config(model="vit-tiny", method="lora"),  # the same build: a kept copy
+            tiny_config(model="clip-tiny", method="prompt", seed=1),
+            tiny_config(model="vit-tiny", method="adapter")]
+    fresh = [builtin.execute(c, device="cpu") for c in cfgs]
+    built = []
+    real = builtin.models.build
+    monkeypatch.setattr(builtin.models, "build",
+                        lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    builtin.keep_built_models()
+    try:
+        kept = [builtin.execute(c, device="cpu") for c in cfgs]
+    finally:
+        builtin.keep_built_models(False)
+    assert built == ["vit-tiny", "clip-tiny"]  # each build once, then copies
+    for a, b in zip(fresh, kept, strict=True):
+        assert [r["test_acc"] for r in a.rows] == [r["test_acc"] for r in b.rows]
+        assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
+        assert a.final == b.final

@@ -96,6 +96,19 @@ def test_captions_name_the_digits_with_the_runs_prompt():
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_foreach_adamw_pretrains_the_for_loop_steps_bytes(model, monkeypatch):
+    """The checkpoint's bytes (and so its hash, which names no optimizer) are those the
+    for-loop AdamW of VERSION 3 wrote."""
+    images, labels = _corpus()
+    recipe = dataclasses.replace(QUICK, steps=8)
+    fast, _ = pretrain.train(model, recipe, images, labels)
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **k | {"foreach": False}))
+    slow, _ = pretrain.train(model, recipe, images, labels)
+    a, b = fast.state_dict(), slow.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_pretraining_is_deterministic_and_the_checkpoint_loads_like_a_user_file(model, built):
     images, labels = _corpus()
     objective, _ = pretrain.train(model, QUICK, images, labels)

@@ -8,6 +8,8 @@ rounds (:data:`MODES`: FedAvg, local, central) through the one training loop.
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 from fedtune_core import recipes, tuning
 from fedtune_core.config import RunConfig
-from fedtune_core.fl import data, features, models, partition
+from fedtune_core.fl import data, features, inputs, models, partition
 from fedtune_core.fl.baselines import run_central, run_local
 from fedtune_core.fl.fedavg import row, run_fl, state_bytes
 from fedtune_core.fl.limits import Limits, Meter
@@ -128,10 +130,17 @@ def execute(cfg: RunConfig, device: str | None = None, data_root: str | None = N
     meter = Meter(dev) if limits else None  # from here: the run's peak memory
     dataset, parts = load_split(cfg, data_root)
     model = build_model(cfg, dataset, weights_file)
+    built = Trainer(model, [], cfg, dev, limits=limits, meter=meter)
+    once = limits is None and inputs.fits(cfg, dataset, model)  # preprocessing once
+    if once:
+        dataset = inputs.preprocessed(built, dataset, cfg, dev)
+        built = inputs.InputsView(built)
     clients, evaluation = _clients(cfg, dataset, parts, dev)
-    as_built = Trainer(model, [], cfg, dev, limits=limits, meter=meter).evaluate(evaluation)
+    as_built = built.evaluate(evaluation)
     names = tuning.prepare(model, cfg.method, cfg.method_options)
     trainer = Trainer(model, names, cfg, dev, limits=limits, meter=meter)
+    if once:
+        trainer = inputs.InputsView(trainer)
     if cache_features and trainer.encoder_frozen:
         clients, evaluation = _clients(cfg, _encoded(trainer, dataset, cfg, dev), parts, dev)
         trainer = features.HeadView(trainer)
@@ -154,6 +163,20 @@ def load_split(cfg: RunConfig, data_root: str | None
     return dataset, parts
 
 
+# models built in this process, for the next run of the same build, where a pool worker
+# asked for it (keep_built_models): key -> (the model as built, torch's RNG state after)
+_BUILT: dict[tuple, tuple[models.Classifier, torch.Tensor]] | None = None
+KEEP_BUILT = 32  # models kept at most, each under KEEP_BUILT_PARAMS parameters
+KEEP_BUILT_PARAMS = 5_000_000  # the tiny models (~0.1M); a ViT-B/16 is built every time
+
+
+def keep_built_models(keep: bool = True) -> None:
+    """From now on (``keep``) this process keeps the small models it builds for later runs
+    of the same build (:func:`build_model`); pool workers do, one-off runs need not."""
+    global _BUILT
+    _BUILT = {} if keep else None
+
+
 def build_model(cfg: RunConfig, dataset: data.Dataset,
                 weights_file: str | None = None) -> models.Classifier:
     """The run's model as built from its weights, initialised from the run's seed (the
@@ -163,10 +186,31 @@ def build_model(cfg: RunConfig, dataset: data.Dataset,
     federated core builds a model: ``weights_file`` is that file
     (:func:`fedtune_core.proxy.pretrain.weights_file`, which the runs room calls); without it
     a recipe is refused in one line (:func:`fedtune_core.fl.models.build`).
+
+    After :func:`keep_built_models`, a small model built from a resolved checkpoint (keyed
+    by its path, size and modification time) or from random init is kept for the next run
+    with the same model, weights, classes, activation and seed: that run gets a copy and
+    torch's RNG as building would have left it, so what comes after (the method's modules,
+    the head's init) draws the same numbers (tests/test_fl.py).
     """
     torch.manual_seed(cfg.seed)
-    return models.build(cfg.model, dataset.class_names, weights_file or cfg.weights,
-                        quick_gelu=cfg.quick_gelu)
+    source = weights_file or cfg.weights
+    kind = models.resolve_weights(cfg.model, cfg.weights)[0]
+    if _BUILT is None or not (weights_file or kind == "none"):
+        return models.build(cfg.model, dataset.class_names, source, quick_gelu=cfg.quick_gelu)
+    stat = os.stat(weights_file) if weights_file else None
+    key = (cfg.model, source, stat and (stat.st_size, stat.st_mtime_ns),
+           tuple(dataset.class_names), cfg.quick_gelu, cfg.seed)
+    if key in _BUILT:
+        model, rng = _BUILT[key]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model)
+    model = models.build(cfg.model, dataset.class_names, source, quick_gelu=cfg.quick_gelu)
+    if sum(p.numel() for p in model.parameters()) <= KEEP_BUILT_PARAMS:
+        if len(_BUILT) >= KEEP_BUILT:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = (copy.deepcopy(model), torch.get_rng_state())
+    return model
 
 
 def outcome(cfg: RunConfig, trainer: Trainer, rows: list[dict], final: dict[str, Any],

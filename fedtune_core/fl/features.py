@@ -34,7 +34,7 @@ def encode(trainer: Trainer, *splits: data.Split, batch: int = 512) -> list[data
     for split in splits:
         chunks = [split.images[s:s + batch] for s in range(0, len(split), batch)]
         with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.amp):
-            feats = [trainer.model.features(trainer.pre(c)).float() for c in chunks]
+            feats = [trainer.model.features(trainer._inputs(c)).float() for c in chunks]
         out.append(data.Split(torch.cat(feats), split.labels))
     if meter:
         meter.forward_seconds += meter.clock() - t0

@@ -150,7 +150,8 @@ def _train(model: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
     spec = models.BACKBONES[model]
     torch.manual_seed(recipe.seed)
     objective = objectives.OBJECTIVES[spec.family](spec, recipe)
-    opt = torch.optim.AdamW(_param_groups(objective.net, recipe.weight_decay), lr=recipe.lr)
+    opt = torch.optim.AdamW(_param_groups(objective.net, recipe.weight_decay), lr=recipe.lr,
+                            foreach=True)  # the for-loop step's bytes, in fewer ops
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe))
     rng = np.random.default_rng([recipe.seed, 1])
     batches = _batches(len(labels) - recipe.holdout, recipe.batch_size, rng)

@@ -30,6 +30,7 @@ from multiprocessing.connection import wait
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, check_choice, check_range
+from fedtune_core.fl import builtin
 from fedtune_core.fl import training as fl
 from fedtune_core.runs import records as results
 
@@ -121,6 +122,7 @@ def _serve(conn, gpu: str | None) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     fl.set_cpu_threads()
+    builtin.keep_built_models()  # a worker runs many runs of the same few models
     # tqdm's default lock is a named semaphore that a killed worker would leave behind
     from tqdm import tqdm
 

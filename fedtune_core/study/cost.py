@@ -52,6 +52,26 @@ def images(cfg: RunConfig, sizes: tuple[int, int, int] | None = None) -> tuple[f
     return trained, before + evals * evaluation + own
 
 
+# the datasets of the CPU profiles: (training pool, test set, classes), for :func:`work`
+SMALL_SIZES = {"digits": (1437, 360, 10), "fashion-mnist": (1440, 360, 10)}
+
+
+def work(cfg: RunConfig) -> float:
+    """A run's cost in forward-pass equivalents (:func:`images`, a trained image counted
+    :func:`forwards_per_trained_image` times); 0 for a dataset of unknown size."""
+    sizes = SIZES.get(cfg.dataset) or SMALL_SIZES.get(cfg.dataset)
+    if sizes is None:
+        return 0.0
+    trained, forwarded = images(cfg, sizes)
+    return trained * forwards_per_trained_image(cfg.method) + forwarded
+
+
+def longest_first(cfgs: list[RunConfig]) -> list[RunConfig]:
+    """``cfgs`` ordered by :func:`work`, most first (ties keep their order), so that a pool's
+    last runs are short ones and no worker idles long at the end of a grid."""
+    return sorted(cfgs, key=work, reverse=True)
+
+
 def gpu_hours(cfg: RunConfig, img_s: float = ANCHOR_IMG_S, cached: bool = True) -> float:
     """Estimated hours of one GPU for one run at the anchored FLOP rate.
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -150,15 +151,23 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     from fedtune_core import recipes
     from fedtune_core.proxy import pretrain
     from fedtune_core.runs import backends, claims
-    from fedtune_core.study import preflight
+    from fedtune_core.study import cost, preflight
 
     todo = claims.pending(cfgs, results, force=force, retry_failed=retry_failed)
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
              len(todo))
     # every pre-trained checkpoint first, in parallel, rather than one per worker on demand
-    pretrain.ensure_all(recipes.needed((c.model, c.weights) for c in todo),
-                        max(where.jobs, 1), progress=progress)
+    needed = recipes.needed((c.model, c.weights) for c in todo)
+    building = [p for p in needed if recipes.cached(*p) is None]
+    if building:  # the phase markers that benchmarks/demo_time.py reads
+        log.info("pre-training: %d checkpoints to build (%s), %d at a time", len(building),
+                 ", ".join(f"{m} {n}" for m, n in building), max(where.jobs, 1))
+    t0 = time.perf_counter()
+    pretrain.ensure_all(needed, max(where.jobs, 1), progress=progress)
+    if building:
+        log.info("pre-training: done in %.0f s", time.perf_counter() - t0)
     preflight.check(todo, data_root)
+    todo = cost.longest_first(todo)  # no worker idles at the end waiting for a long run
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
     claims.ensure(todo, results, lambda cfgs, claim: backends.run(backend, cfgs, where, progress,
                                                                  claim),
