@@ -32,6 +32,12 @@ TINY = dict(model="vit-tiny", weights="none", method="bias", dataset="digits",
             seed=0)
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (otherwise in their order): parallel workers (xdist) start on the
+    long tests and end on short ones instead of waiting on one long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture
 def tiny_config():
     """Factory of tiny, fast RunConfigs: ``tiny_config(method="lora", rounds=1)``."""

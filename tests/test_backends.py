@@ -81,6 +81,7 @@ def killed_grids(tmp_path_factory, ray_instance):
     return profile, victim, folder, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_a_worker_killed_with_sigkill_is_recorded_failed_and_the_rest_completes(
         killed_grids, backend):
@@ -104,6 +105,7 @@ def test_a_worker_killed_with_sigkill_is_recorded_failed_and_the_rest_completes(
         h: r["started"] for h, r in records.items()}
 
 
+@pytest.mark.slow
 def test_ray_and_the_pool_give_the_same_metrics(killed_grids):
     profile, victim, _, out = killed_grids
     by = {b: {r["hash"]: r for r in recs} for b, recs in out.items()}
@@ -119,6 +121,7 @@ def _records(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_a_ray_driver_killed_with_sigkill_loses_nothing_and_the_next_call_resumes(
         tmp_path, ray_instance, capsys, paused_cli):
     profile_path = _profile(tmp_path, [0, 1])
@@ -172,6 +175,7 @@ def test_a_bad_gpus_per_run_in_a_profile_fails_at_load(tmp_path):
         grid.load_profile(path)
 
 
+@pytest.mark.slow
 def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd,
                                                                       monkeypatch):
     from fedtune_core import cache, results, store

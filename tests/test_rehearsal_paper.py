@@ -22,6 +22,7 @@ from fedtune_core import data, fl, grid, models, report, tuning
 from fedtune_core.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 224x224 backbones, run_all.sh
 
 
 @pytest.fixture(scope="module", params=["vit-b16", "clip-vit-b32"])

@@ -92,6 +92,7 @@ def _records(folder: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_run_all_smoke_executes_every_notebook(tmp_path):
     """run_all.sh on the smoke profile: runs, every notebook, HTML, figures, index."""
     env = os.environ | {"FEDTUNE_DATA_DIR": str(tmp_path / "data")}
@@ -135,6 +136,7 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
     assert _records(out) == before
 
 
+@pytest.mark.slow
 def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path, paused_cli):
     out = tmp_path / "res"
     cmd = [FEDTUNE, "grid", "--profile", "smoke", "--results", str(out), "--jobs", "1",
