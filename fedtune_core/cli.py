@@ -112,14 +112,17 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     check_int("--classes", args.classes, 1, MAX_CLASSES)
     check_choice("model", args.model, specs.BACKBONES)
+    import torch
+
     from fedtune_core import tuning
     from fedtune_core.fl import models
 
     rows = []
     for method in tuning.METHODS:
-        model = models.build(args.model, [str(c) for c in range(args.classes)], "none",
-                             text_head=False)
-        tuning.prepare(model, method)
+        with torch.device("meta"):  # shapes only: no weights are made (seconds, not minutes)
+            model = models.build(args.model, [str(c) for c in range(args.classes)], "none",
+                                 text_head=False)
+            tuning.prepare(model, method)
         trainable, total = tuning.count_parameters(model)
         head = sum(p.numel() for p in model.head.parameters())
         rows.append({"method": method, "trainable": trainable, "trainable_without_head":

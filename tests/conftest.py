@@ -5,6 +5,8 @@ huggingface_hub (which reads HF_HUB_OFFLINE once, when it is first imported) or 
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +30,12 @@ from fedtune_core.config import RunConfig  # noqa: E402
 TINY = dict(model="vit-tiny", weights="none", method="bias", dataset="digits",
             partition="iid", clients=2, sample=2, rounds=2, local_epochs=1, batch_size=64,
             seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (otherwise in their order): parallel workers (xdist) start on the
+    long tests and end on short ones instead of waiting on one long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
 
 @pytest.fixture
@@ -69,3 +77,45 @@ def run_cli(capsys):
         return code, out, err
 
     return call
+
+
+# `fedtune ARGV` in a child that stops for good once it has written its AFTER-th run record
+# and says "paused": a test that kills it there kills it mid-grid by construction.
+_PAUSING_CLI = """
+import sys, threading
+from pathlib import Path
+from fedtune_core import cli, results
+after, real, written = int(sys.argv[1]), results.write_json, []
+def write_json(path, payload):
+    real(path, payload)
+    if Path(path).parent.name == "runs":
+        written.append(path)
+        if len(written) == after:
+            print("paused", flush=True)
+            threading.Event().wait()
+results.write_json = write_json
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def paused_cli():
+    """``paused_cli(argv, after)``: ``fedtune argv`` in a child process, returned once it
+    has written ``after`` run records and stopped there (for the test to kill it)."""
+    procs = []
+
+    def start(argv, after: int) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, str(after),
+                                 *map(str, argv)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        procs.append(proc)
+        for line in proc.stdout:  # the child's own output, then its signal
+            if line.strip() == "paused":
+                return proc
+        raise AssertionError(f"fedtune {argv} ended with code {proc.wait()} before writing "
+                             f"{after} records")
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()

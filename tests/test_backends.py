@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,20 +55,34 @@ def ray_instance():
     ray.shutdown()
 
 
+def _dies_on(victim: str, real):
+    """``real``, but the process that runs the config hashed ``victim`` kills itself with
+    SIGKILL (an out-of-memory kill or a segfault). A closure: Ray pickles it by value."""
+
+    def call(cfg, *args):
+        if cfg.hash == victim:
+            signal.raise_signal(signal.SIGKILL)
+        return real(cfg, *args)
+
+    return call
+
+
 @pytest.fixture(scope="module")
 def killed_grids(tmp_path_factory, ray_instance):
     """The 4-run profile on each backend, the worker of its second run killed with SIGKILL."""
     folder = tmp_path_factory.mktemp("grids")
     profile = grid.load_profile(_profile(folder, [0]))
     victim = profile.runs()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(backends.TEST_SIGKILL_ENV, victim.hash)
+    with pytest.MonkeyPatch.context() as mp:  # the pool's forked workers inherit the patch
+        mp.setattr(backends, "work", _dies_on(victim.hash, backends.work))
+        mp.setattr(backends, "_ray_task", _dies_on(victim.hash, backends._ray_task))
         out = {backend: grid.ensure(profile, folder / backend, jobs=2, progress=False,
                                     backend=backend, device="cpu")
                for backend in backends.BACKENDS}
     return profile, victim, folder, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_a_worker_killed_with_sigkill_is_recorded_failed_and_the_rest_completes(
         killed_grids, backend):
@@ -93,6 +106,7 @@ def test_a_worker_killed_with_sigkill_is_recorded_failed_and_the_rest_completes(
         h: r["started"] for h, r in records.items()}
 
 
+@pytest.mark.slow
 def test_ray_and_the_pool_give_the_same_metrics(killed_grids):
     profile, victim, _, out = killed_grids
     by = {b: {r["hash"]: r for r in recs} for b, recs in out.items()}
@@ -108,18 +122,16 @@ def _records(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_a_ray_driver_killed_with_sigkill_loses_nothing_and_the_next_call_resumes(
-        tmp_path, ray_instance, capsys):
+        tmp_path, ray_instance, capsys, paused_cli):
     profile_path = _profile(tmp_path, [0, 1])
     profile = grid.load_profile(profile_path)
     total = len(profile.runs())
     out = tmp_path / "res"
-    cmd = [FEDTUNE, "grid", "--profile", str(profile_path), "--results", str(out), "--quiet",
-           "--backend", "ray", "--address", ray_instance, "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(_records(out) if out.exists() else {}) < 2:
-        time.sleep(0.05)
+    argv = ["grid", "--profile", str(profile_path), "--results", str(out), "--quiet",
+            "--backend", "ray", "--address", ray_instance, "--device", "cpu"]
+    proc = paused_cli(argv, after=2)  # stopped after its second record, tasks in flight
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = _records(out)
@@ -164,26 +176,38 @@ def test_a_bad_gpus_per_run_in_a_profile_fails_at_load(tmp_path):
         grid.load_profile(path)
 
 
-def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd):
+@pytest.mark.slow
+def test_the_pool_skips_a_run_another_process_holds_then_waits_for_it(tmp_path, capfd,
+                                                                      monkeypatch):
+    from fedtune_core import lock
     from fedtune_core.runs import store
 
     profile = grid.load_profile(_profile(tmp_path, [0]))
     held = profile.runs()[0]
     out = tmp_path / "res"
-    # holds the lock until the grid has written the other three records, then 5 s more
+    # holds the lock until told (a line on its stdin): once the grid waits for it
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from fedtune_core.runs import store\n"
+        [sys.executable, "-c", "import sys\nfrom fedtune_core.runs import store\n"
          "with store.run_lock(sys.argv[1]) as lock:\n    print(lock.held, flush=True)\n"
-         "    while len(list(Path(sys.argv[1]).parent.glob('*.json'))) < 3:\n"
-         "        time.sleep(0.05)\n    time.sleep(5)",
-         str(store.record_path(out, held))], stdout=subprocess.PIPE, text=True)
+         "    sys.stdin.readline()",
+         str(store.record_path(out, held))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
     assert holder.stdout.readline().strip() == "True"
+    waited, wait_flock = [], lock.wait_flock
+
+    def release_then_wait(fd, what, owner):  # the grid now waits: the holder lets go
+        waited.append(len(list((out / "runs").glob("*.json"))))
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        wait_flock(fd, what, owner)
+
+    monkeypatch.setattr(lock, "wait_flock", release_then_wait)
     try:
         records = grid.ensure(profile, out, jobs=2, progress=False, device="cpu")
     finally:
         holder.kill()
         holder.wait()
+    assert waited == [3], "skipped at first, waited for once the other three were written"
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
     assert f"run {held.hash} is being computed by pid {holder.pid}" in capfd.readouterr().err
     assert not list((out / "runs").glob("*.lock"))

@@ -180,6 +180,7 @@ def test_no_command_exits_2(run_cli):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_console_script(tmp_results, tmp_path):
     exe = shutil.which("fedtune", path=os.path.dirname(sys.executable))
     assert exe, "the fedtune console script is not installed next to this python"

@@ -182,7 +182,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
     import selectors
 
     sel = selectors.DefaultSelector()
-    for _ in range(600):  # at most a minute: the child writes the file at once
+    for _ in range(6000):  # at most ten minutes: the child writes the file at once
         if path.exists() or proc.poll() is not None:
             return
         sel.select(0.1)

@@ -197,6 +197,7 @@ def test_central_mode(tiny_config):
                                                     device="cpu").rows[-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_fedavg_full_finetuning_learns_digits(tiny_config):
     cfg = tiny_config(method="full", optimizer="adamw", lr=1e-3, partition="iid", clients=4,
                       sample=4, local_epochs=3, rounds=8, batch_size=32)

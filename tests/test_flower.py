@@ -68,6 +68,7 @@ def _flower():
     return flower_app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit-tiny", "clip-tiny"])
 @pytest.mark.parametrize("method", ["bias", "lora", "full"])
 def test_flower_simulation_equals_the_builtin_loop(tiny_config, model, method):
@@ -85,6 +86,7 @@ def test_flower_simulation_equals_the_builtin_loop(tiny_config, model, method):
     assert (flower.trainable, flower.state_bytes) == (built_in.trainable, built_in.state_bytes)
 
 
+@pytest.mark.slow
 def test_fedtune_run_engine_flower_writes_a_record_naming_it(run_cli, tmp_results, tiny_config):
     _flower()
     code, out, err = run_cli(["run", "--engine", "flower", "--weights", "none", "--partition",

@@ -25,6 +25,7 @@ from fedtune_core.fl import builtin
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 900  # seconds: only so that a broken federation fails instead of hanging CI
 CLIENTS = 2
+pytestmark = pytest.mark.slow  # a SuperLink, two SuperNodes, a process per message
 
 
 def _free_ports(n: int) -> list[int]:

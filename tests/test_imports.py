@@ -7,7 +7,6 @@ inside functions alike: a deferred import that climbs back up is still a circle.
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,25 +138,77 @@ def test_the_layer_check_finds_a_planted_upward_import(tmp_path):
                              "fedtune_core.fl.planted -> fedtune_core.runs.store"]
 
 
+# One interpreter imports the third-party modules that importing all of ours loads (a forked
+# scout tells which) and no module of ours, then forks one child per module of ours, which
+# imports that module alone.
+FORKED_IMPORTS = """
+import importlib, json, os, sys, traceback
+names = json.loads(sys.argv[1])
+
+
+def forked(work):
+    \"\"\"Run work() in a forked child; (its exit status, what it wrote to the pipe).\"\"\"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        code = 0
+        try:
+            out = work()
+        except BaseException:
+            out, code = traceback.format_exc(), 1
+        os.write(write, out.encode())
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        out = pipe.read().decode(errors="replace")
+    return os.waitpid(pid, 0)[1], out
+
+
+def loaded_by_ours():
+    before = set(sys.modules)
+    for name in names:
+        importlib.import_module(name)
+    return json.dumps([m for m in sys.modules if m not in before
+                       and m.partition(".")[0] != "fedtune_core"])
+
+
+status, out = forked(loaded_by_ours)
+assert status == 0, out
+for module in json.loads(out):
+    try:
+        importlib.import_module(module)
+    except Exception:  # an alias or a lazily made module: its importer makes it again
+        pass
+ours = [m for m in sys.modules if m.partition(".")[0] == "fedtune_core"]
+assert not ours, ours
+failures = {}
+for name in names:
+    status, err = forked(lambda: importlib.import_module(name) and "")
+    if status:
+        failures[name] = (err.strip().splitlines() or ["the child died"])[-1:]
+print(json.dumps(failures))
+"""
+
+
+@pytest.mark.slow
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module imported alone, before any other of ours: no order is needed.
 
-    At most one interpreter per core at a time: dozens of torch imports at once on a 2-core
-    machine only thrash (the bound is a hang guard, not a speed check).
+    Each module is imported in a child forked from an interpreter that has imported no
+    module of ours, only the third-party modules (torch, pandas, ...) that ours load: fresh
+    as far as fedtune_core goes, without importing torch again for each module.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import json
 
-    def imported(name: str) -> tuple[str, subprocess.CompletedProcess]:
-        return name, subprocess.run([sys.executable, "-c", f"import {name}"],
-                                    capture_output=True, text=True, timeout=600)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        done = list(pool.map(imported, MODULES))
-    failures = {name: (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-                for name, proc in done if proc.returncode}
+    proc = subprocess.run([sys.executable, "-c", FORKED_IMPORTS, json.dumps(sorted(MODULES))],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failures, failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["sorted", "reversed"])
 def test_all_modules_import_in_either_order(order):
     names = sorted(MODULES, reverse=order == "reversed")

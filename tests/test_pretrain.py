@@ -128,6 +128,7 @@ def test_pretraining_is_deterministic_and_the_checkpoint_loads_like_a_user_file(
         torch.testing.assert_close(loaded.eval().features(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_seconds_of_pretraining_beat_random_init_on_a_digits_probe():
     # 500 steps of 128 on 20,000 images (~15 s): the ViT's frozen features already probe
     # digits better than random ones (a hundred steps fewer and they do not yet)
@@ -141,6 +142,7 @@ def test_seconds_of_pretraining_beat_random_init_on_a_digits_probe():
     assert meta["pretrain_acc"] > 0.1  # 47 classes: chance is 0.02
 
 
+@pytest.mark.slow
 def test_seconds_of_contrastive_pretraining_give_clip_a_zero_shot_head():
     # undeformed glyphs, 400 steps of 32 (~10 s): the head built from "a photo of a {digit}."
     # beats chance; the probe needs a few hundred steps of 128 more to beat random features

@@ -24,6 +24,7 @@ from fedtune_core.fl import data, models, training
 from fedtune_core.study import grid, report
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 224x224 backbones, run_all.sh
 
 
 @pytest.fixture(scope="module", params=["vit-b16", "clip-vit-b32"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_core import files
+from fedtune_core import files, lock
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError
 from fedtune_core.fl import builtin
@@ -117,7 +117,7 @@ from fedtune_core.runs import store
 path = {path!r}
 with store.run_lock(path) as lock:
     print("locked", flush=True)
-    time.sleep({hold})
+    sys.stdin.readline()  # held until the test says so
     if {write}:
         store.write_json(path, json.load(open({source!r})))
 print("released", flush=True)
@@ -125,10 +125,23 @@ time.sleep(60)
 """
 
 
-def _holder(path: Path, source: Path, hold: float, write: bool) -> subprocess.Popen:
-    proc = _python(HOLDER.format(path=str(path), source=str(source), hold=hold, write=write))
+def _holder(path: Path, source: Path, write: bool) -> subprocess.Popen:
+    proc = _python(HOLDER.format(path=str(path), source=str(source), write=write),
+                   stdin=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "locked"
     return proc
+
+
+def _release_once_waited_for(holder: subprocess.Popen, monkeypatch) -> None:
+    """When this process starts waiting for a lock, ``holder`` is told to let go of it."""
+    wait_flock = lock.wait_flock
+
+    def release_then_wait(fd, what, owner):
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        wait_flock(fd, what, owner)
+
+    monkeypatch.setattr(lock, "wait_flock", release_then_wait)
 
 
 def _forbid(*args, **kwargs):
@@ -141,10 +154,11 @@ def test_a_run_locked_by_a_live_process_is_waited_for_and_its_record_used(
     path = store.record_path(tmp_path, cfg)
     source = tmp_path / "record.json"
     source.write_text(json.dumps(record))
-    proc = _holder(path, source, hold=1.0, write=True)
+    proc = _holder(path, source, write=True)
     try:
         assert claims.run(cfg, tmp_path, wait=False) is None  # busy: skipped
         monkeypatch.setattr(builtin, "execute", _forbid)
+        _release_once_waited_for(proc, monkeypatch)
         assert claims.run(cfg, tmp_path) == record  # waited, then read its record
         err = capsys.readouterr().err
         assert f"run {cfg.hash} is being computed by pid {proc.pid}" in err
@@ -156,7 +170,7 @@ def test_a_run_locked_by_a_live_process_is_waited_for_and_its_record_used(
 def test_a_lock_of_a_killed_process_is_taken_over(tmp_path, valid):
     cfg, record = valid
     path = store.record_path(tmp_path, cfg)
-    proc = _holder(path, tmp_path / "unused", hold=60, write=False)
+    proc = _holder(path, tmp_path / "unused", write=False)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert path.with_suffix(".lock").read_text().split()[0] == str(proc.pid)  # left behind
@@ -269,7 +283,8 @@ def test_a_grid_skips_a_run_another_process_holds_then_uses_its_record(tmp_path,
     out = tmp_path / "res"
     source = tmp_path / "record.json"
     source.write_text(json.dumps(record))
-    holder = _holder(store.record_path(out, cfg), source, hold=2.0, write=True)
+    holder = _holder(store.record_path(out, cfg), source, write=True)
+    _release_once_waited_for(holder, monkeypatch)
     computed = []
     real = builtin.execute
     monkeypatch.setattr(builtin, "execute", lambda c, **k: computed.append(c.hash) or real(c, **k))

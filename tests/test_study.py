@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +92,7 @@ def _records(folder: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_run_all_smoke_executes_every_notebook(tmp_path):
     """run_all.sh on the smoke profile: runs, every notebook, HTML, figures, index."""
     env = os.environ | {"FEDTUNE_DATA_DIR": str(tmp_path / "data")}
@@ -136,17 +136,15 @@ def test_run_all_smoke_executes_every_notebook(tmp_path):
     assert _records(out) == before
 
 
-def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path):
+@pytest.mark.slow
+def test_a_killed_grid_loses_nothing_and_the_next_call_completes_it(tmp_path, paused_cli):
     out = tmp_path / "res"
     cmd = [FEDTUNE, "grid", "--profile", "smoke", "--results", str(out), "--jobs", "1",
            "--quiet"]
     profile = grid.load_profile("smoke")
     sweeps = len(profile.sweeps())  # they run first; kill the grid among the main runs
     total = len(profile.planned()) + sweeps
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(_records(out) if out.exists() else {}) < sweeps + 2:
-        time.sleep(0.05)
+    proc = paused_cli(cmd[1:], after=sweeps + 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = _records(out)

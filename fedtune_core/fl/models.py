@@ -159,7 +159,8 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
     # The activation: from the weights or the config (specs.resolve_quick_gelu).
     with quiet_root_logger(True):  # random init warns; a failed download is re-raised, named
         clip = open_clip.create_model(spec.arch, pretrained=source if kind == "hub" else None,
-                                      force_quick_gelu=quick_gelu)
+                                      force_quick_gelu=quick_gelu,
+                                      device=torch.get_default_device())  # meta: no weights
     if uses_quick_gelu(clip.visual) != quick_gelu:
         raise ConfigError(f"open_clip's {spec.arch} config fixes its activation; "
                           f"quick_gelu={quick_gelu} cannot be honoured")
@@ -176,7 +177,7 @@ def _build_open_clip(spec: BackboneSpec, class_names: list[str], kind: str, sour
             head.bias.zero_()
     pre = visual.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][-1]
-    scale = clip.logit_scale.exp().item()
+    scale = 1.0 if clip.logit_scale.is_meta else clip.logit_scale.exp().item()
     del clip  # the text tower ran once; it never trains or travels
     return Classifier(visual, head, blocks_path="transformer.resblocks",
                       width=visual.transformer.width, prefix_tokens=1, normalize=True,

@@ -36,9 +36,6 @@ from fedtune_core.runs import records as results
 
 BACKENDS = ("pool", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"
-# Test hook, read by work() only: the process that runs the config with this hash kills
-# itself with SIGKILL, standing in for an out-of-memory kill or a segfault in the tests.
-TEST_SIGKILL_ENV = "FEDTUNE_TEST_SIGKILL"
 Done = Iterator[tuple[RunConfig, dict]]
 Claim = Callable[[RunConfig], bool]  # called just before a run starts; False: skip it
 
@@ -61,8 +58,6 @@ class Placement:
 def work(cfg: RunConfig, device: str | None, data_root: str | None,
          progress: bool = False) -> dict:
     """Compute the record of one run without writing it: what every worker calls."""
-    if os.environ.get(TEST_SIGKILL_ENV) == cfg.hash:  # the test hook, see TEST_SIGKILL_ENV
-        os.kill(os.getpid(), signal.SIGKILL)
     return results.compute(cfg, device=device, data_root=data_root, progress=progress,
                            record_config_errors=True)
 
