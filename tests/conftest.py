@@ -84,8 +84,9 @@ def run_cli(capsys):
 _PAUSING_CLI = """
 import sys, threading
 from pathlib import Path
-from fedtune_core import cli, results
-after, real, written = int(sys.argv[1]), results.write_json, []
+from fedtune_core import cli
+from fedtune_core.runs import store
+after, real, written = int(sys.argv[1]), store.write_json, []
 def write_json(path, payload):
     real(path, payload)
     if Path(path).parent.name == "runs":
@@ -93,7 +94,7 @@ def write_json(path, payload):
         if len(written) == after:
             print("paused", flush=True)
             threading.Event().wait()
-results.write_json = write_json
+store.write_json = write_json
 sys.exit(cli.main(sys.argv[2:]))
 """
 
