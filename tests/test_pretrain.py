@@ -109,6 +109,7 @@ def test_foreach_adamw_pretrains_the_for_loop_steps_bytes(model, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("model", MODELS)
 def test_pretraining_is_deterministic_and_the_checkpoint_loads_like_a_user_file(model, built):
     images, labels = _corpus()
     objective, _ = pretrain.train(model, QUICK, images, labels)
