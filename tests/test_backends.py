@@ -13,7 +13,7 @@ import pytest
 
 from fedtune_core.cli import main
 from fedtune_core.errors import ConfigError
-from fedtune_core.runs import backends
+from fedtune_core.runs import backends, pool
 from fedtune_core.study import grid
 
 FEDTUNE = str(Path(sys.executable).with_name("fedtune"))
@@ -74,7 +74,7 @@ def killed_grids(tmp_path_factory, ray_instance):
     profile = grid.load_profile(_profile(folder, [0]))
     victim = profile.runs()[1]
     with pytest.MonkeyPatch.context() as mp:  # the pool's forked workers inherit the patch
-        mp.setattr(backends, "work", _dies_on(victim.hash, backends.work))
+        mp.setattr(pool, "work", _dies_on(victim.hash, pool.work))
         mp.setattr(backends, "_ray_task", _dies_on(victim.hash, backends._ray_task))
         out = {backend: grid.ensure(profile, folder / backend, jobs=2, progress=False,
                                     backend=backend, device="cpu")

@@ -103,6 +103,23 @@ def ensure_all(pairs: Iterable[tuple[str, str]], jobs: int = 1, *, force: bool =
     return [ensure(m, n) for m, n in pairs]
 
 
+def make_corpus(corpus: recipes.CorpusConfig, progress: bool = False) -> str:
+    """Generate the glyph corpus into the cache unless it is there intact; its hash (the
+    arrays stay on disk, memory-mapped by whoever trains on them)."""
+    glyphs.load(corpus, progress)
+    return corpus.hash
+
+
+def longest_first(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(model, recipe)`` checkpoints, the longest to build first: more steps first, and at
+    equal steps CLIP (its text tower too) before ViT, so that the last to end is short."""
+    def cost(pair: tuple[str, str]) -> tuple[int, bool]:
+        model, name = pair
+        return recipes.named(name).steps, models.BACKBONES[model].family == "open_clip"
+
+    return sorted(pairs, key=cost, reverse=True)
+
+
 def _one_thread() -> None:
     torch.set_num_threads(glyphs.THREADS)
 

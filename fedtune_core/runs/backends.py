@@ -1,6 +1,8 @@
 """Where runs execute: a backend takes configs and hands back records; the driver writes them.
 
-:func:`run` yields ``(config, record)`` as each run ends, whichever backend ran it:
+:func:`run` yields ``(config, record)`` as each run ends, whichever backend ran it; a
+:class:`Session` does so for every phase of a grid with one set of workers, which also do
+the :class:`Step` s that some runs need first (pre-training a checkpoint) in the gaps:
 
 - ``pool``: local worker processes, ``jobs`` at a time (with one job, runs go in this
   process, with a progress bar over their rounds). A worker that dies (killed by a signal,
@@ -19,25 +21,22 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pickle
-import signal
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from typing import Any
 
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import ConfigError, check_choice, check_range
-from fedtune_core.fl import builtin
 from fedtune_core.fl import training as fl
+from fedtune_core.runs import pool
 from fedtune_core.runs import records as results
+from fedtune_core.runs.pool import work  # noqa: F401 (what every worker calls)
+from fedtune_core.runs.steps import Claim, Queue, Step, StepFailed, do_step  # noqa: F401
 
 BACKENDS = ("pool", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"
 Done = Iterator[tuple[RunConfig, dict]]
-Claim = Callable[[RunConfig], bool]  # called just before a run starts; False: skip it
 
 
 @dataclass(frozen=True)
@@ -55,210 +54,158 @@ class Placement:
         check_range("gpus per run", self.gpus_per_run, 0, 1, low_open=True)
 
 
-def work(cfg: RunConfig, device: str | None, data_root: str | None,
-         progress: bool = False) -> dict:
-    """Compute the record of one run without writing it: what every worker calls."""
-    return results.compute(cfg, device=device, data_root=data_root, progress=progress,
-                           record_config_errors=True)
-
-
 def run(backend: str, cfgs: Sequence[RunConfig], where: Placement, progress: bool = False,
-        claim: Claim | None = None) -> Done:
-    """Execute ``cfgs`` on ``backend``; yield each ``(config, record)`` as its run ends.
-
-    Args:
-        backend: ``pool`` or ``ray``.
-        cfgs: the runs to compute (the caller has already skipped cached ones).
-        where: device, data folder, parallelism.
-        progress: a bar over each run's rounds where runs go one at a time in this process.
-        claim: asked about each run just before it starts (the driver takes its lock
-            there); a run it refuses is skipped and yields nothing.
+        claim: Claim | None = None, **steps: Any) -> Done:
+    """Execute ``cfgs`` on ``backend``; yield each ``(config, record)`` as its run ends (a
+    :class:`Session` of one call: see :meth:`Session.run`).
 
     Raises:
         ConfigError: an unknown backend, or ``ray`` without Ray installed.
     """
-    check_choice("backend", backend, BACKENDS)
-    todo = _Queue(cfgs, claim or (lambda cfg: True))
-    if backend == "ray":
-        return _ray(todo, where)
-    if where.address is not None:
-        raise ConfigError(f"--address {where.address!r} is for the ray backend; the pool "
-                          "backend runs on this machine (use --backend ray)")
-    if where.jobs <= 1 or len(cfgs) <= 1:
-        return ((c, work(c, where.device, where.data_root, progress)) for c in todo)
-    return _pool(todo, where)
+    session = Session(backend, where)
+
+    def once() -> Done:
+        with session:
+            yield from session.run(cfgs, progress, claim, **steps)
+
+    return once()
 
 
-class _Queue:
-    """The runs still to start, each claimed as it is taken (see :func:`run`)."""
+class Session:
+    """A backend for a whole grid: the pool's workers (or one Ray instance) serve every call
+    of :meth:`run`, so that a worker imports its libraries and builds a model once, not once
+    per phase. Use it as a context manager; :meth:`close` ends the workers.
 
-    def __init__(self, cfgs: Sequence[RunConfig], claim: Claim):
-        self.cfgs, self.claim = deque(cfgs), claim
+    Raises:
+        ConfigError: an unknown backend, ``ray`` without Ray installed, an address for the
+            pool, or a device the Ray backend does not know (one line, before any run).
+    """
 
-    def __len__(self) -> int:
-        return len(self.cfgs)
-
-    def take(self) -> RunConfig | None:
-        """The next run its claim accepts; None when there is none left."""
-        while self.cfgs:
-            if self.claim(cfg := self.cfgs.popleft()):
-                return cfg
-        return None
-
-    def __iter__(self) -> Iterator[RunConfig]:
-        while (cfg := self.take()) is not None:
-            yield cfg
-
-
-# ---- the local pool -------------------------------------------------------------------
-
-def _serve(conn, gpu: str | None) -> None:
-    """A pool worker: take configs, send back records, until told to stop or orphaned."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    fl.set_cpu_threads()
-    builtin.keep_built_models()  # a worker runs many runs of the same few models
-    # tqdm's default lock is a named semaphore that a killed worker would leave behind
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
-    parent = mp.parent_process()
-    if parent is not None:  # a driver killed with -9 takes its workers along
-        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-    while (task := conn.recv()) is not None:
-        conn.send(work(*task))
-
-
-class _Worker:
-    """One worker process, the run it is busy with (or None), and when that run started."""
-
-    def __init__(self, ctx, gpu: str | None):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, gpu), daemon=True)
-        self.proc.start()
-        child.close()
-        self.cfg: RunConfig | None = None
-        self.started = 0.0
-
-    def give(self, cfg: RunConfig | None, where: Placement) -> None:
-        """Start ``cfg`` on this worker (None: nothing left, stay idle)."""
-        self.cfg, self.started = cfg, time.perf_counter()
-        if cfg is not None:
-            self.conn.send((cfg, where.device, where.data_root))
-
-    def result(self) -> dict | None:
-        """The finished run's record; a failed one if the worker died; None while it runs."""
-        if self.conn.poll():
+    def __init__(self, backend: str, where: Placement):
+        check_choice("backend", backend, BACKENDS)
+        self.backend, self.where = backend, where
+        self.workers: list[pool.Worker] = []  # the pool's, started on the first parallel call
+        self.ray = None  # the ray module, once this session joined or started an instance
+        self.ray_started = False
+        if backend == "ray":
             try:
-                return self.conn.recv()
-            except (EOFError, OSError, pickle.UnpicklingError):  # died before or while sending
-                pass
-        elif self.proc.is_alive():
-            return None
-        self.proc.join()
-        return results.failed_record(self.cfg, _death(self.proc.exitcode),
-                                     time.perf_counter() - self.started)
+                import ray  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"the ray backend needs Ray, which is not installed; install "
+                                  f"it with {RAY_INSTALL}") from None
+            if where.device not in (None, "auto", "cpu", "cuda"):
+                raise ConfigError(f"unknown device {where.device!r} for the ray backend (devices "
+                                  "are as each worker sees them); valid choices: auto, cpu, cuda")
+        elif where.address is not None:
+            raise ConfigError(f"--address {where.address!r} is for the ray backend; the pool "
+                              "backend runs on this machine (use --backend ray)")
 
-    def stop(self) -> None:
-        if self.proc.is_alive() and self.cfg is None:
-            self.conn.send(None)
-            self.proc.join(10)
-        if self.proc.is_alive():  # busy (the driver is being interrupted) or stuck
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
+    def run(self, cfgs: Sequence[RunConfig], progress: bool = False, claim: Claim | None = None,
+            *, steps: Sequence[Step] = (), needs: Callable[[RunConfig], Step | None] | None = None,
+            step_done: Callable[[Step, Any], Any] | None = None) -> Done:
+        """Execute ``steps`` and ``cfgs``; yield each ``(config, record)`` as its run ends.
 
+        Args:
+            cfgs: the runs to compute (the caller has already skipped cached ones), in the
+                order they should start.
+            progress: a bar over each run's rounds where runs go one at a time here.
+            claim: asked about each run just before it starts (the driver takes its lock
+                there); a run it refuses is skipped and yields nothing.
+            steps: work some runs need first (see :class:`Step`); each starts before any run
+                once the steps it comes after are done.
+            needs: the step a run must wait for (None: it can start now).
+            step_done: called here with each step and what its job returned.
 
-def _death(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        how = f"was killed by {signal.Signals(-exitcode).name}"
-    else:
-        how = f"exited with code {exitcode}"
-    return (f"WorkerDied: the worker process running this run {how} before it could report "
-            "(out of memory, a crash, or a kill)")
+        Raises:
+            StepFailed: a step raised or its worker died (the runs under way are stopped).
+        """
+        todo = Queue(cfgs, claim or (lambda cfg: True), steps, needs, step_done)
+        if self.backend == "ray":
+            return self._ray(todo)
+        if self.where.jobs <= 1 or len(todo) <= 1:
+            return _here(todo, self.where, progress)
+        return self._pool(todo)
 
-
-def _gpu_slots(device: str | None, jobs: int) -> list[str | None]:
-    """Per worker, the GPU it alone may see (round robin), or None: leave devices alone."""
-    if device not in (None, "auto", "cuda"):
-        return [None] * jobs
-    import torch
-
-    count = torch.cuda.device_count()
-    if count < 2:
-        return [None] * jobs
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(count)]
-    return [ids[i % len(ids)] for i in range(jobs)]
-
-
-def _context(device: str | None):
-    """fork for CPU runs: workers share this process's imports (the smoke grid, 2 jobs, took
-    23-25 s with fork and 54-56 s with spawn here); spawn for CUDA runs, since CUDA does not
-    survive a fork once this process has asked it anything (e.g. is_available())."""
-    if "fork" in mp.get_all_start_methods() and fl.pick_device(device).type == "cpu":
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
-
-
-def _pool(todo: _Queue, where: Placement) -> Done:
-    ctx = _context(where.device)
-    gpus = _gpu_slots(where.device, min(where.jobs, len(todo)))
-    workers = [_Worker(ctx, gpu) for gpu in gpus]  # started before any run is claimed
-    try:
-        for w in workers:
-            w.give(todo.take(), where)
-        while busy := [w for w in workers if w.cfg is not None]:
-            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
-            for i, w in enumerate(workers):
-                if w.cfg is None or (record := w.result()) is None:
-                    continue
-                cfg, w.cfg = w.cfg, None
-                if not w.proc.is_alive():  # spawned: no fork holding the driver's run locks
+    def _pool(self, todo: Queue) -> Done:
+        ctx, where = pool.context(self.where.device), self.where
+        want = min(where.jobs, len(todo))
+        if len(self.workers) < want:  # started before any run of this call is claimed
+            gpus = pool.gpu_slots(where.device, where.jobs)
+            self.workers += [pool.Worker(ctx, gpus[i]) for i in range(len(self.workers), want)]
+        workers = self.workers
+        try:
+            pool.give_idle(workers, todo, where.device, where.data_root)
+            while busy := [w for w in workers if w.task is not None]:
+                wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                for i, w in enumerate(workers):
+                    if w.task is None or (out := w.result()) is None:
+                        continue
+                    task, w.task = w.task, None
+                    if not w.proc.is_alive():  # spawned: no fork holding the driver's run locks
+                        w.stop()
+                        workers[i] = pool.Worker(mp.get_context("spawn"), w.gpu)
+                    if isinstance(task, Step):
+                        todo.done(task, out)
+                    else:
+                        yield task, out
+                pool.give_idle(workers, todo, where.device, where.data_root)
+        finally:  # an interrupted call: the workers still busy are stopped, the rest kept
+            for w in workers:
+                if w.task is not None:
                     w.stop()
-                    w = workers[i] = _Worker(mp.get_context("spawn"), gpus[i])
-                w.give(todo.take(), where)
-                yield cfg, record
-    finally:
-        for w in workers:
+            self.workers = [w for w in workers if w.task is None]
+
+    def _ray(self, todo: Queue) -> Done:
+        import ray
+
+        if self.ray is None:
+            self.ray_started = not ray.is_initialized()
+            if self.ray_started:
+                where = self.where
+                local = {"num_cpus": where.jobs or None} if where.address is None else {}
+                ray.init(address=where.address, include_dashboard=False, log_to_driver=False,
+                         **local)
+            self.ray = ray
+        return _ray_tasks(ray, todo, self.where)
+
+    def close(self) -> None:
+        """End the pool's workers, or the Ray instance this session started."""
+        for w in self.workers:
             w.stop()
+        self.workers = []
+        if self.ray is not None and self.ray_started:
+            self.ray.shutdown()
+        self.ray = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _here(todo: Queue, where: Placement, progress: bool) -> Done:
+    """One at a time in this process (a step's error is raised as it is)."""
+    while (task := todo.take()) is not None:
+        if isinstance(task, Step):
+            todo.done(task, (True, task.job()))
+        else:
+            yield task, pool.work(task, where.device, where.data_root, progress)
 
 
 # ---- Ray ------------------------------------------------------------------------------
 
 def _ray_task(cfg: RunConfig, device: str | None, data_root: str | None) -> dict:
     fl.set_cpu_threads()
-    return work(cfg, device, data_root)
+    return pool.work(cfg, device, data_root)
 
 
-def _ray(todo: _Queue, where: Placement) -> Done:
-    """Check what can be checked before anything starts, then the generator of records."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"the ray backend needs Ray, which is not installed; install it "
-                          f"with {RAY_INSTALL}") from None
-    if where.device not in (None, "auto", "cpu", "cuda"):
-        raise ConfigError(f"unknown device {where.device!r} for the ray backend (devices are "
-                          "as each worker sees them); valid choices: auto, cpu, cuda")
-    return _ray_session(ray, todo, where)
+def _ray_step(step: Step) -> tuple[bool, Any]:
+    fl.set_cpu_threads()
+    return do_step(step)
 
 
-def _ray_session(ray, todo: _Queue, where: Placement) -> Done:
-    """Join the Ray instance already initialised, or start / connect one and end it after."""
-    started = not ray.is_initialized()
-    if started:
-        local = {"num_cpus": where.jobs or None} if where.address is None else {}
-        ray.init(address=where.address, include_dashboard=False, log_to_driver=False,
-                 **local)
-    try:
-        yield from _ray_tasks(ray, todo, where)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _ray_tasks(ray, todo: _Queue, where: Placement) -> Done:
+def _ray_tasks(ray, todo: Queue, where: Placement) -> Done:
     """Tasks in a window of twice the cluster's CPUs: runs are claimed as they enter it."""
     resources = ray.cluster_resources()
     gpus, window = resources.get("GPU", 0), max(4, 2 * int(resources.get("CPU", 2)))
@@ -269,21 +216,28 @@ def _ray_tasks(ray, todo: _Queue, where: Placement) -> Done:
     if gpus and where.device != "cpu":
         need["num_gpus"] = where.gpus_per_run
     env = {k: v for k, v in os.environ.items() if k.startswith("FEDTUNE_") or k.startswith("HF_")}
-    task = ray.remote(_ray_task).options(max_retries=0, runtime_env={"env_vars": env}, **need)
+    options = dict(max_retries=0, runtime_env={"env_vars": env}, **need)
+    task = ray.remote(_ray_task).options(**options)
+    step_task = ray.remote(_ray_step).options(**options)
     pending: dict = {}
     try:
         while True:
-            while len(pending) < window and (cfg := todo.take()) is not None:
-                pending[task.remote(cfg, where.device, where.data_root)] = cfg
+            while len(pending) < window and (item := todo.take()) is not None:
+                pending[step_task.remote(item) if isinstance(item, Step)
+                        else task.remote(item, where.device, where.data_root)] = item
             if not pending:
                 break
             done, _ = ray.wait(list(pending), num_returns=1)
-            cfg = pending.pop(done[0])
+            item = pending.pop(done[0])
             try:
-                record = ray.get(done[0])
+                out = ray.get(done[0])
             except ray.exceptions.RayError as err:  # the worker died, or Ray lost the task
-                record = results.failed_record(cfg, _ray_death(err))
-            yield cfg, record
+                out = ((False, _ray_death(err)) if isinstance(item, Step)
+                       else results.failed_record(item, _ray_death(err)))
+            if isinstance(item, Step):
+                todo.done(item, out)
+            else:
+                yield item, out
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

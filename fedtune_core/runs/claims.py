@@ -27,8 +27,8 @@ from typing import Any
 from fedtune_core.config import RunConfig
 from fedtune_core.errors import Fault
 from fedtune_core.runs import records, store
+from fedtune_core.runs.steps import Claim
 
-Claim = Callable[[RunConfig], bool]  # asked just before a run starts; False: skip it
 # computes the runs it is given, asking ``claim`` before each; yields (config, record)
 Compute = Callable[[list[RunConfig], Claim], Iterable[tuple[RunConfig, dict]]]
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -99,13 +98,15 @@ def ensure(profile: Profile, results: str | os.PathLike, experiment: str | None 
     set_cpu_threads()
     where = backends.Placement(device, data_root, jobs, address,
                                gpus_per_run or profile.gpus_per_run)
-    backends.run(backend, [], where)  # bad backend settings: one line before anything else
-    store.clean_stale(Path(results, "runs"))
-    options = dict(device=device, data_root=data_root, force=force,
-                   retry_failed=retry_failed, progress=progress, backend=backend, where=where)
-    _ensure_sweeps(profile, results, experiment, options)
-    cfgs = profile.runs(experiment, rates(profile, results, experiment))
-    _ensure_runs(cfgs, results, f"{profile.name}/{experiment or 'all'}", **options)
+    # bad backend settings: one line before anything else; then one set of workers (or one
+    # Ray instance) for every phase
+    with backends.Session(backend, where) as runner:
+        store.clean_stale(Path(results, "runs"))
+        options = dict(data_root=data_root, force=force, retry_failed=retry_failed,
+                       progress=progress, runner=runner)
+        _ensure_sweeps(profile, results, experiment, options)
+        cfgs = profile.runs(experiment, rates(profile, results, experiment))
+        _ensure_runs(cfgs, results, f"{profile.name}/{experiment or 'all'}", **options)
     return collect(profile, results, experiment)
 
 
@@ -138,10 +139,16 @@ def _rehearsal_limits(profile: Profile):
 
 
 def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, *,
-                 device: str | None, data_root: str | None, force: bool, retry_failed: bool,
-                 progress: bool, backend: str, where) -> None:
-    """Check, then run on ``backend``, every config of ``cfgs`` without a record that spares
-    it; write each record here as its run ends.
+                 data_root: str | None, force: bool, retry_failed: bool, progress: bool,
+                 runner) -> None:
+    """Check, then run on ``runner`` (a :class:`~fedtune_core.runs.backends.Session`) every
+    config of ``cfgs`` without a record that spares it; write each record here as its run
+    ends.
+
+    The pre-trained checkpoints they need that are missing are built by the same workers,
+    longest first, as steps (:class:`~fedtune_core.runs.backends.Step`: the glyph corpus,
+    then each checkpoint): a run starts once its checkpoint is there, and runs that need
+    none (random init) fill the workers that pre-training leaves idle.
 
     This process holds each run's lock from its start to its record: a run another process
     (another grid on this folder) is computing is skipped at first, then waited for, and
@@ -149,28 +156,19 @@ def _ensure_runs(cfgs: list[RunConfig], results: str | os.PathLike, label: str, 
     from tqdm import tqdm
 
     from fedtune_core import recipes
-    from fedtune_core.proxy import pretrain
-    from fedtune_core.runs import backends, claims
-    from fedtune_core.study import cost, preflight
+    from fedtune_core.runs import claims
+    from fedtune_core.study import cost, preflight, pretraining
 
     todo = claims.pending(cfgs, results, force=force, retry_failed=retry_failed)
     log.info("%s: %d runs, %d cached, %d to run", label, len(cfgs), len(cfgs) - len(todo),
              len(todo))
-    # every pre-trained checkpoint first, in parallel, rather than one per worker on demand
     needed = recipes.needed((c.model, c.weights) for c in todo)
     building = [p for p in needed if recipes.cached(*p) is None]
-    if building:  # the phase markers that benchmarks/demo_time.py reads
-        log.info("pre-training: %d checkpoints to build (%s), %d at a time", len(building),
-                 ", ".join(f"{m} {n}" for m, n in building), max(where.jobs, 1))
-    t0 = time.perf_counter()
-    pretrain.ensure_all(needed, max(where.jobs, 1), progress=progress)
-    if building:
-        log.info("pre-training: done in %.0f s", time.perf_counter() - t0)
-    preflight.check(todo, data_root)
+    steps = pretraining.steps(building, progress, max(runner.where.jobs, 1))
+    preflight.check(todo, data_root, building)
     todo = cost.longest_first(todo)  # no worker idles at the end waiting for a long run
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress or not todo)
-    claims.ensure(todo, results, lambda cfgs, claim: backends.run(backend, cfgs, where, progress,
-                                                                 claim),
+    claims.ensure(todo, results, lambda cfgs, claim: runner.run(cfgs, progress, claim, **steps()),
                   force=force, retry_failed=retry_failed, done=lambda cfg: bar.update())
     bar.close()
 

@@ -15,11 +15,20 @@ from collections.abc import Iterable
 from fedtune_core.config import RunConfig
 
 
-def check(cfgs: Iterable[RunConfig], data_root: str | None = None) -> None:
-    """Raise ConfigError on the first run of ``cfgs`` that cannot start."""
-    cfgs = list(cfgs)
+def check(cfgs: Iterable[RunConfig], data_root: str | None = None,
+          building: Iterable[tuple[str, str]] = ()) -> None:
+    """Raise ConfigError on the first run of ``cfgs`` that cannot start.
+
+    ``building``: the ``(model, recipe)`` checkpoints the grid pre-trains alongside its
+    runs. The weights of the runs that use them are what that pre-training makes, so they
+    are not loaded here (that would build them first, one at a time, in this process).
+    """
+    from fedtune_core import recipes
+
+    cfgs, building = list(cfgs), set(building)
     check_partitions(cfgs, data_root)
-    check_weights({(c.model, c.weights) for c in cfgs})
+    check_weights({(c.model, c.weights) for c in cfgs
+                   if not building & set(recipes.needed([(c.model, c.weights)]))})
 
 
 def check_partitions(cfgs: Iterable[RunConfig], data_root: str | None = None) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 
 from fedtune_core import specs
-from fedtune_core.fl import models
 from fedtune_core.study import tidy, verdicts
 from fedtune_core.study.lr_report import lr_choices as lr_choices  # re-exported for the notebooks
 from fedtune_core.study.lr_report import lr_cost as lr_cost
@@ -105,7 +104,7 @@ def _checkpoint(record: dict) -> tuple[str, float]:
 
 def family(model: str) -> str:
     """CLIP for open_clip backbones, ViT for timm ones."""
-    return "CLIP" if models.BACKBONES[model].family == "open_clip" else "ViT"
+    return "CLIP" if specs.BACKBONES[model].family == "open_clip" else "ViT"
 
 
 def _shots(spec: str) -> float:
