@@ -31,7 +31,6 @@ from fedtune_core.errors import ConfigError, check_choice, check_range
 from fedtune_core.fl import training as fl
 from fedtune_core.runs import pool
 from fedtune_core.runs import records as results
-from fedtune_core.runs.pool import work  # noqa: F401 (what every worker calls)
 from fedtune_core.runs.steps import Claim, Queue, Step, StepFailed, do_step  # noqa: F401
 
 BACKENDS = ("pool", "ray")

@@ -39,9 +39,9 @@ class Queue:
                  step_done: Callable[[Step, Any], Any] | None = None):
         self.claim, self.step_done = claim, step_done or (lambda step, value: None)
         self.open = set(steps)  # steps not done yet
-        self.waiting: dict[Step, list[tuple[int, Any]]] = {}
+        # what waits for a step: (position, item, the other steps it waits for)
+        self.waiting: dict[Step, list[tuple[int, Any, tuple[Step, ...]]]] = {}
         self.ready: list[tuple[int, Any]] = []  # a heap by position
-        self.left = 0
         for i, item in enumerate([*steps, *cfgs]):
             if isinstance(item, Step):
                 blockers = [s for s in item.after if s in self.open]
@@ -50,21 +50,20 @@ class Queue:
             self._add(i, item, blockers)
 
     def _add(self, i: int, item: Any, blockers: list[Step]) -> None:
-        self.left += 1
         if blockers:  # released by the first of them; the rest are checked again then
             self.waiting.setdefault(blockers[0], []).append((i, item, tuple(blockers[1:])))
         else:
             heapq.heappush(self.ready, (i, item))
 
     def __len__(self) -> int:
-        return self.left
+        """Steps and runs not taken yet, ready or waiting."""
+        return len(self.ready) + sum(len(items) for items in self.waiting.values())
 
     def take(self) -> RunConfig | Step | None:
         """The next step or run (a run its claim accepts) that can start now; None when
         there is none (the rest waits for steps under way, or nothing is left)."""
         while self.ready:
             _, item = heapq.heappop(self.ready)
-            self.left -= 1
             if isinstance(item, Step) or self.claim(item):
                 return item
         return None
@@ -77,8 +76,8 @@ class Queue:
         self.open.discard(step)
         self.step_done(step, value)
         for i, item, rest in self.waiting.pop(step, []):
-            self.left -= 1
             self._add(i, item, [s for s in rest if s in self.open])
+
 
 def do_step(step: Step) -> tuple[bool, Any]:
     """Do a step's job: ``(True, what it returned)`` or ``(False, its error)``."""
