@@ -3,7 +3,8 @@
 # $FEDTUNE_EXTRAS: run_tests.sh asks for dev,ray,flower (the tests run the Ray backend on a
 # local Ray instance and a Flower federation on localhost), run_all.sh for none (the study
 # needs no test tools, no Ray wheel and no Flower).
-# Re-installs only when pyproject.toml changed since the last install or an extra is missing.
+# Re-installs only when pyproject.toml or this script changed since the last install, or an
+# extra is missing.
 # Installs with uv where it can (seconds, not minutes: same requirements, same wheels), else pip.
 # Sourced by run_tests.sh and run_all.sh so both set up the same environment.
 set -euo pipefail
@@ -16,7 +17,8 @@ case "${FEDTUNE_INSTALLER:-uv}" in
     *) echo "fedtune: unknown FEDTUNE_INSTALLER '$FEDTUNE_INSTALLER'; valid choices: uv, pip" >&2
        exit 2 ;;
 esac
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+# what is installed follows pyproject.toml and how this script installs it
+want="$(cat "$root/pyproject.toml" "$root/scripts/ensure_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
     echo "fedtune: creating $venv" >&2
     "${PYTHON:-python3}" -m venv "$venv"
@@ -31,7 +33,12 @@ _fedtune_uv_install() {
     if [ ! -x "$venv/bin/uv" ]; then
         "$venv/bin/python" -m pip install --quiet uv || return 1
     fi
-    local args=(pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match)
+    # --compile-bytecode: the .pyc files at install, as pip writes them; uv otherwise leaves
+    # them to the first import, and where PYTHONDONTWRITEBYTECODE is set (these machines)
+    # no process ever writes them: every process then compiles torch, sklearn, flwr ... from
+    # source (measured here: 17 s of a 25 s first run, a Flower simulation 66 s instead of 29 s)
+    local args=(pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match
+                --compile-bytecode)
     while IFS= read -r line; do  # e.g. global.find-links='/opt/wheels'
         key="${line%%=*}" value="${line#*=}"
         value="${value#\'}" value="${value%\'}"

@@ -113,3 +113,65 @@ def test_a_profile_runs_its_fedavg_runs_on_the_engine_it_sets(tmp_path):
                     'mode = ["fl", "local", "central"]\n')
     engines = {cfg.mode: cfg.engine for cfg in load_profile(path).runs()}
     assert engines == {"fl": "flower", "local": "builtin", "central": "builtin"}
+
+
+class _Grid:
+    """A Flower Grid stand-in whose nodes 11 and 12 answer on its ``answer_on``-th pull,
+    except the ``silent`` ones, which never answer."""
+
+    def __init__(self, answer_on: int, silent: tuple[int, ...] = ()):
+        self.answer_on, self.silent, self.pulls, self.sent = answer_on, silent, 0, {}
+
+    def get_node_ids(self):
+        return [11, 12]
+
+    def push_messages(self, msgs):
+        for msg in msgs:
+            self.sent[f"m{len(self.sent)}"] = msg
+        return list(self.sent)[-len(msgs):]
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls < self.answer_on:
+            return []
+        return [SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=self.sent[i].metadata.dst_node_id,
+                                     reply_to_message_id=i),
+            content=f"reply of {self.sent[i].metadata.dst_node_id}", has_error=lambda: False)
+            for i in ids if self.sent[i].metadata.dst_node_id not in self.silent]
+
+
+class _Clock:
+    """``time`` for flower_server: a second passes at each reading, sleeping takes none."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+    def sleep(self, seconds):
+        pass
+
+
+def test_a_round_pulls_until_every_reply_is_in_and_a_silent_node_is_named(monkeypatch):
+    _flower()
+    from flwr.app import MessageType, RecordDict
+
+    from fedtune_core.fl import flower_server
+
+    monkeypatch.setattr(flower_server, "time", _Clock())
+    grid = _Grid(answer_on=4)
+    link = flower_server._Link(grid, timeout=100.0)
+    replies = link.exchange(MessageType.TRAIN, [1, 0], {0: 11, 1: 12}, 3, lambda: RecordDict())
+    assert replies == ["reply of 12", "reply of 11"] and grid.pulls == 4
+
+    quiet = _Grid(answer_on=1, silent=(12,))
+    link = flower_server._Link(quiet, timeout=10.0)
+    with pytest.raises(flower_server.NodeLost, match=r"partition 1 \(SuperNode 12\) in train "
+                                                     r"round 3 was lost: no reply after"):
+        link.exchange(MessageType.TRAIN, [0, 1], {0: 11, 1: 12}, 3, lambda: RecordDict())
+    assert 5 <= quiet.pulls <= 10  # it kept pulling for the missing reply until the guard

@@ -26,6 +26,7 @@ from fedtune_core.fl import builtin, features, fedavg, training
 # keys of a Flower run config (``flwr run --run-config``) that fedtune reads
 CONFIG, RESULTS, DEVICE, DATA_DIR = "fedtune-config", "results", "device", "data-dir"
 CACHE_FEATURES, REPLY_TIMEOUT, NODE_TIMEOUT = "cache-features", "reply-timeout", "node-timeout"
+PULL_INTERVAL = 0.2  # seconds between pulls for the replies of a round's messages
 # the checkpoint file recipe weights resolve to, set by whoever starts the run (not a key of
 # the app's run config: a deployment's nodes resolve it themselves, see client_app_for)
 WEIGHTS = "weights-file"
@@ -135,8 +136,7 @@ class _Link:
         msgs = [Message(content(), dst_node_id=nodes[p], message_type=kind, group_id=str(r))
                 for p in pids]
         t0 = time.monotonic()
-        replies = {m.metadata.src_node_id: m for m in
-                   self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        replies = {m.metadata.src_node_id: m for m in self._send_and_receive(msgs)}
         out = []
         for p in pids:
             node = f"SuperNode {nodes[p]}"
@@ -153,3 +153,17 @@ class _Link:
                                f"(Flower error code {reply.error.code})")
             out.append(reply.content)
         return out
+
+    def _send_and_receive(self, msgs: list[Message]) -> list[Message]:
+        """``Grid.send_and_receive``, pulling every :data:`PULL_INTERVAL` seconds (Flower's
+        gRPC grid pulls every 3 s: on seconds-long rounds, most of a round's wall time)."""
+        waiting, got = set(self.grid.push_messages(msgs)), []
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            replies = list(self.grid.pull_messages(waiting))
+            got.extend(replies)
+            waiting -= {m.metadata.reply_to_message_id for m in replies}
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_INTERVAL)
+        return got
