@@ -160,9 +160,15 @@ class _Clock:
 def test_a_round_pulls_until_every_reply_is_in_and_a_silent_node_is_named(monkeypatch):
     _flower()
     from flwr.app import MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedtune_core.fl import flower_server
 
+    # a ServerApp's messages carry the ids of its task, run and node, which Flower sets before
+    # the app runs; no app runs here (without them the test passed only after a simulation in
+    # the same process)
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
     monkeypatch.setattr(flower_server, "time", _Clock())
     grid = _Grid(answer_on=4)
     link = flower_server._Link(grid, timeout=100.0)
