@@ -159,11 +159,10 @@ class _Link:
         gRPC grid pulls every 3 s: on seconds-long rounds, most of a round's wall time)."""
         waiting, got = set(self.grid.push_messages(msgs)), []
         deadline = time.monotonic() + self.timeout
-        while waiting:
+        while True:
             replies = list(self.grid.pull_messages(waiting))
             got.extend(replies)
             waiting -= {m.metadata.reply_to_message_id for m in replies}
             if not waiting or time.monotonic() >= deadline:
-                break
+                return got
             time.sleep(PULL_INTERVAL)
-        return got
