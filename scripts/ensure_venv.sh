@@ -33,12 +33,10 @@ _fedtune_uv_install() {
     if [ ! -x "$venv/bin/uv" ]; then
         "$venv/bin/python" -m pip install --quiet uv || return 1
     fi
-    # --compile-bytecode: the .pyc files at install, as pip writes them; uv otherwise leaves
-    # them to the first import, and where PYTHONDONTWRITEBYTECODE is set (these machines)
-    # no process ever writes them: every process then compiles torch, sklearn, flwr ... from
-    # source (measured here: 17 s of a 25 s first run, a Flower simulation 66 s instead of 29 s)
-    local args=(pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match
-                --compile-bytecode)
+    # no --compile-bytecode: compiling every module installed (about 21,000, a quarter of
+    # them ever imported) took longer than the install; the venv writes the bytecode of what
+    # is imported, on first import (see _fedtune_bytecode below)
+    local args=(pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match)
     while IFS= read -r line; do  # e.g. global.find-links='/opt/wheels'
         key="${line%%=*}" value="${line#*=}"
         value="${value#\'}" value="${value%\'}"
@@ -52,6 +50,19 @@ _fedtune_uv_install() {
         done
     done < <("$venv/bin/python" -m pip config list 2>/dev/null)
     "$venv/bin/uv" "${args[@]}" -e "$target"
+}
+# The venv's interpreters write the bytecode (.pyc) of what they import, on first import,
+# even where PYTHONDONTWRITEBYTECODE is set (as on this project's machines): otherwise every
+# process (a pool worker, a notebook's kernel, a Ray worker, a Flower ClientApp) compiles
+# torch, sklearn, flwr ... from source again (measured: 17 s of a first tiny run's 25 s, a
+# Flower simulation 66 s instead of 29 s). A .pth file's import line runs at every start of
+# this venv's Python (site.py), and only of it; writes are atomic, so parallel processes
+# may race to write the same file safely.
+_fedtune_bytecode() {
+    local site
+    site="$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+    printf '%s\n' "import sys; sys.dont_write_bytecode = False  # fedtune: scripts/ensure_venv.sh" \
+        > "$site/_fedtune_bytecode.pth"
 }
 have_hash="" have_extras=""
 [ -f "$stamp" ] && read -r have_hash have_extras < "$stamp" || true
@@ -73,6 +84,7 @@ if [ "$have_hash" != "$want" ] || [ -n "$missing" ]; then
         "$venv/bin/python" -m pip install --quiet --upgrade pip
         "$venv/bin/python" -m pip install --quiet -e "$target"
     fi
+    _fedtune_bytecode "$venv"
     "$venv/bin/python" -m ipykernel install --prefix "$venv" --name python3 >/dev/null
     echo "$want $extras" > "$stamp"
 fi
