@@ -120,3 +120,18 @@ def paused_cli():
     for proc in procs:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_local_ray():
+    """Starts a local Ray instance for one test module (2 CPUs, no dashboard, the workers'
+    output kept from the test's): ``start_local_ray(**more ray.init options)``, its GCS
+    address returned; what the backend and Flower tests share (the module shuts it down)."""
+
+    def start(**options) -> str:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **options)
+        return ray.get_runtime_context().gcs_address
+
+    return start

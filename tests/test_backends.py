@@ -47,11 +47,10 @@ def _profile(folder: Path, seeds: list[int]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
+def ray_instance(start_local_ray):
     """One local Ray instance (2 CPUs) for the module; its address for other drivers."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    yield start_local_ray()
     ray.shutdown()
 
 

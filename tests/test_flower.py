@@ -73,7 +73,7 @@ def _flower():
 
 
 @pytest.fixture(scope="module")
-def one_ray():
+def one_ray(start_local_ray):
     """One Ray instance for this module's simulations instead of one per run: Flower's Ray
     backend starts Ray only where none is running, and its ``terminate`` (which kills the
     run's actors, then shuts Ray down) leaves this one up until the module ends. Saves Ray's
@@ -83,8 +83,7 @@ def one_ray():
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     path = os.pathsep.join(sys.path)  # what Flower's backend hands its actors
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    start_local_ray(runtime_env={"env_vars": {"PYTHONPATH": path}})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(raybackend.ray, "shutdown", lambda *args, **kwargs: None)
         yield
