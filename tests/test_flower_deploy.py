@@ -2,7 +2,9 @@
 
 Each test starts its own SuperLink and two SuperNodes on free localhost ports (insecure
 mode), each SuperNode holding one partition, and runs fedtune's app folder ``flower/``
-with ``flwr run``. Waits are on events (a line in a log, a process ending); the bounds
+with ``flwr run``. The SuperNodes beat at Flower's shortest heartbeat (10 s, see
+``supernode_quick_heartbeat.py``), so a killed one is declared lost in about 20 s instead of
+a minute. Waits are on events (a line in a log, a process ending); the bounds
 are hang guards only.
 """
 
@@ -23,6 +25,7 @@ from fedtune_core.config import RunConfig  # noqa: E402
 from fedtune_core.fl import builtin
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK_HEARTBEAT = Path(__file__).with_name("supernode_quick_heartbeat.py")  # lost in ~20 s
 GUARD = 900  # seconds: only so that a broken federation fails instead of hanging CI
 CLIENTS = 2
 pytestmark = pytest.mark.slow  # a SuperLink, two SuperNodes, a process per message
@@ -70,8 +73,8 @@ class Federation:
                     "--disable-runtime-dependency-installation")
         _wait_for_line(self.logs["link"], "Uvicorn running on", proc=self.procs["link"])
         for i, port in enumerate(nodes):
-            self._start(f"node{i}", "flower-supernode", "--insecure", "--superlink",
-                        f"127.0.0.1:{link}", "--port", str(port), "--node-config",
+            self._start(f"node{i}", sys.executable, str(QUICK_HEARTBEAT), "--insecure",
+                        "--superlink", f"127.0.0.1:{link}", "--port", str(port), "--node-config",
                         f"partition-id={i} num-partitions={CLIENTS}")
 
     def _start(self, name: str, *argv: str) -> None:
