@@ -124,14 +124,15 @@ def paused_cli():
 
 @pytest.fixture(scope="session")
 def start_local_ray():
-    """Starts a local Ray instance for one test module (2 CPUs, no dashboard, the workers'
-    output kept from the test's): ``start_local_ray(**more ray.init options)``, its GCS
-    address returned; what the backend and Flower tests share (the module shuts it down)."""
+    """Starts a local Ray instance for one test module (2 CPUs unless ``num_cpus`` says
+    otherwise, no dashboard, the workers' output kept from the test's):
+    ``start_local_ray(**more ray.init options)``, its GCS address returned; what the backend
+    and Flower tests share (the module shuts it down)."""
 
     def start(**options) -> str:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **options)
+        ray.init(**({"num_cpus": 2} | options), include_dashboard=False, log_to_driver=False)
         return ray.get_runtime_context().gcs_address
 
     return start

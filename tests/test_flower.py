@@ -77,13 +77,18 @@ def one_ray(start_local_ray):
     """One Ray instance for this module's simulations instead of one per run: Flower's Ray
     backend starts Ray only where none is running, and its ``terminate`` (which kills the
     run's actors, then shuts Ray down) leaves this one up until the module ends. Saves Ray's
-    start and stop (about 3.5 s) per simulation; every run still gets new actors."""
+    start and stop (about 3.5 s) per simulation; every run still gets new actors.
+
+    One CPU, so one actor per simulation (Flower fits ``cluster CPUs / client num_cpus``
+    actors): it serves every client of a round in turn, the case where one process's state
+    could leak from one client into the next, and each simulation starts one process
+    (torch, timm, the model: about 10 CPU-seconds) instead of two."""
     _flower()
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     path = os.pathsep.join(sys.path)  # what Flower's backend hands its actors
-    start_local_ray(runtime_env={"env_vars": {"PYTHONPATH": path}})
+    start_local_ray(num_cpus=1, runtime_env={"env_vars": {"PYTHONPATH": path}})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(raybackend.ray, "shutdown", lambda *args, **kwargs: None)
         yield
