@@ -16,6 +16,13 @@ come from its sidecar (``seconds``: training and probe, in its own process). Loa
 and the machine are printed beside the figures: on a shared machine, compare revisions
 measured back to back, never absolute times.
 
+Where the machine allows (Linux's ``/proc/stat``), each cold start also prints the whole
+machine's busy and idle CPU-seconds while it ran, and the work done inside the workers:
+the runs' and the sweep runs' own seconds (their records' ``wall_seconds``) and the
+checkpoints'. That work over the cores is the floor of the grid's wall time at this work
+per run: when the grid is close to it, only less work per run (or less work) makes the study
+faster, not better scheduling. ``--log LOG --results DIR`` prints the same for a kept run.
+
 ``--profile-step`` times one demo run here (clip-tiny, bias, the demo's FedAvg settings,
 the strong checkpoint, built into ``$FEDTUNE_CACHE_DIR`` if missing; ``--weights none``
 skips it) in this checkout: its set-up, training and evaluation seconds, then the torch
@@ -69,7 +76,7 @@ def cold_start(rev: str, keep: bool, warm_uv: bool, args: list[str]) -> dict:
         env["UV_CACHE_DIR"] = str(work / "uv-cache")
     log = work / "run_all.timed.log"
     print(f"== {rev} ({commit}) in {src}; load average {load()} at the start", flush=True)
-    t0 = time.time()
+    cpu0, t0 = cpu_seconds(), time.time()
     with log.open("w") as out:
         proc = subprocess.Popen(["./run_all.sh", *args], cwd=src, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -77,17 +84,52 @@ def cold_start(rev: str, keep: bool, warm_uv: bool, args: list[str]) -> dict:
             out.write(f"{seconds:9.2f} {text}\n")
             out.flush()  # the log can be followed while it runs (the stamps are taken on reading)
         code = proc.wait()
-    wall = time.time() - t0
+    wall, cpu1 = time.time() - t0, cpu_seconds()
     phases = parse(log.read_text())
     sidecars = sorted((cache / "pretrained").glob("*.json"))
     result = {"rev": rev, "commit": commit, "exit": code, "wall": wall, "phases": phases,
               "checkpoints": {f"{m['model']} {m['recipe']}": m["seconds"]
                               for m in map(lambda p: json.loads(p.read_text()), sidecars)},
-              "load_end": load(), "log": str(log)}
+              "load_end": load(), "log": str(log), "work": work(src / "results"),
+              "cpu": None if cpu0 is None or cpu1 is None else
+              tuple(b - a for a, b in zip(cpu0, cpu1, strict=True))}
     if not keep:
         subprocess.run(["rm", "-rf", str(src / ".venv"), str(work / "uv-cache"),
                         str(cache)], check=False)
     return result
+
+
+def cpu_seconds(stat: str | None = None) -> tuple[float, float] | None:
+    """(busy, idle) CPU-seconds of the whole machine since boot, from ``/proc/stat``'s
+    ``cpu`` line (``stat``: its text, for tests); None where there is none. Idle counts
+    iowait; busy is user, nice, system, irq, softirq and steal."""
+    try:
+        text = stat if stat is not None else Path("/proc/stat").read_text()
+        fields = next(line.split() for line in text.splitlines() if line.split()[:1] == ["cpu"])
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
+    except (OSError, StopIteration, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
+
+
+def work(results: Path) -> dict[str, tuple[int, float]]:
+    """``{"runs": (count, seconds), "sweep runs": (count, seconds)}``: the records under
+    ``results/*/runs/`` and their own ``wall_seconds`` (a sweep run holds out validation
+    data: ``config.val_fraction`` > 0). Files that are not such records are skipped."""
+    out = {"runs": [0, 0.0], "sweep runs": [0, 0.0]}
+    for path in sorted(Path(results).glob("*/runs/*.json")):
+        try:
+            record = json.loads(path.read_text())
+            seconds = float(record["wall_seconds"])
+            sweep = float(record["config"].get("val_fraction") or 0) > 0
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+        if seconds >= 0:
+            entry = out["sweep runs" if sweep else "runs"]
+            entry[0] += 1
+            entry[1] += seconds
+    return {k: (n, s) for k, (n, s) in out.items()}
 
 
 def _segments(stream, t0: float):
@@ -166,7 +208,30 @@ def report(result: dict) -> None:
         print(f"   {name:<40}{_mmss(seconds):>10}")
     for name, seconds in result["checkpoints"].items():
         print(f"   checkpoint {name:<29}{seconds:>8.0f} s  (its own process, probe included)")
+    for line in accounting(result, os.cpu_count() or 1):
+        print(f"   {line}")
     print(f"   log: {result['log']}", flush=True)
+
+
+def accounting(result: dict, cores: int) -> list[str]:
+    """Lines on the CPU: the machine's busy and idle CPU-seconds during the cold start, the
+    work inside the workers, and that work over ``cores``: the grid's floor."""
+    lines = []
+    if result.get("cpu"):
+        busy, idle = result["cpu"]
+        lines.append(f"CPU while it ran: {busy:.0f} CPU-s busy, {idle:.0f} idle "
+                     f"({100 * idle / max(busy + idle, 1e-9):.1f}% idle, {cores} cores)")
+    done = {k: v for k, v in (result.get("work") or {}).items() if v[0]}
+    checkpoints = sum(result.get("checkpoints", {}).values())
+    if done or checkpoints:
+        parts = [f"{n} {name} {s:.0f} s" for name, (n, s) in done.items()]
+        if checkpoints:
+            parts.append(f"{len(result['checkpoints'])} checkpoints {checkpoints:.0f} s")
+        total = checkpoints + sum(s for _, s in done.values())
+        lines.append(f"work inside the workers: {', '.join(parts)}; {total:.0f} CPU-s, "
+                     f"{_mmss(total / cores)} over {cores} cores (the grid's floor at this "
+                     "work per run)")
+    return lines
 
 
 def _mmss(seconds: float) -> str:
@@ -244,6 +309,8 @@ def main() -> int:
                    help="keep each clone's .venv, uv cache and FEDTUNE cache")
     p.add_argument("--warm-uv", action="store_true", help="use the usual uv cache")
     p.add_argument("--log", help="only print the phases of a timestamped log")
+    p.add_argument("--results", help="--log: the results folder of that run (its records' "
+                   "seconds)")
     p.add_argument("--profile-step", action="store_true", help="one demo run's steps, here")
     p.add_argument("--weights", default="glyphs-strong", help="--profile-step: the weights")
     p.add_argument("--top", type=int, default=15, help="--profile-step: operators shown")
@@ -252,12 +319,19 @@ def main() -> int:
     if args.top < 1:
         print(f"demo_time.py: --top must be at least 1, got {args.top}", file=sys.stderr)
         return 2
+    if args.results and not args.log:
+        print("demo_time.py: --results goes with --log LOG", file=sys.stderr)
+        return 2
+    for given in filter(None, (args.log, args.results)):
+        if not Path(given).exists():
+            print(f"demo_time.py: no such file or folder {given!r}", file=sys.stderr)
+            return 2
     print(f"{machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"load average {load()}")
     if args.log:
         report({"rev": args.log, "commit": "-", "exit": "-", "wall": 0.0, "load_end": load(),
                 "phases": parse(Path(args.log).read_text()), "checkpoints": {},
-                "log": args.log})
+                "log": args.log, "work": work(Path(args.results)) if args.results else {}})
     if args.profile_step:
         profile_step(args.weights, args.top)
     results = [cold_start(rev, args.keep, args.warm_uv, args.run_all_args) for rev in args.rev]
