@@ -90,7 +90,7 @@ def cold_start(rev: str, keep: bool, warm_uv: bool, args: list[str]) -> dict:
     result = {"rev": rev, "commit": commit, "exit": code, "wall": wall, "phases": phases,
               "checkpoints": {f"{m['model']} {m['recipe']}": m["seconds"]
                               for m in map(lambda p: json.loads(p.read_text()), sidecars)},
-              "load_end": load(), "log": str(log), "work": work(src / "results"),
+              "load_end": load(), "log": str(log), "work": worker_seconds(src / "results"),
               "cpu": None if cpu0 is None or cpu1 is None else
               tuple(b - a for a, b in zip(cpu0, cpu1, strict=True))}
     if not keep:
@@ -113,7 +113,7 @@ def cpu_seconds(stat: str | None = None) -> tuple[float, float] | None:
     return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
 
 
-def work(results: Path) -> dict[str, tuple[int, float]]:
+def worker_seconds(results: Path) -> dict[str, tuple[int, float]]:
     """``{"runs": (count, seconds), "sweep runs": (count, seconds)}``: the records under
     ``results/*/runs/`` and their own ``wall_seconds`` (a sweep run holds out validation
     data: ``config.val_fraction`` > 0). Files that are not such records are skipped."""
@@ -331,7 +331,7 @@ def main() -> int:
     if args.log:
         report({"rev": args.log, "commit": "-", "exit": "-", "wall": 0.0, "load_end": load(),
                 "phases": parse(Path(args.log).read_text()), "checkpoints": {},
-                "log": args.log, "work": work(Path(args.results)) if args.results else {}})
+                "log": args.log, "work": worker_seconds(Path(args.results)) if args.results else {}})
     if args.profile_step:
         profile_step(args.weights, args.top)
     results = [cold_start(rev, args.keep, args.warm_uv, args.run_all_args) for rev in args.rev]
