@@ -331,7 +331,8 @@ def main() -> int:
     if args.log:
         report({"rev": args.log, "commit": "-", "exit": "-", "wall": 0.0, "load_end": load(),
                 "phases": parse(Path(args.log).read_text()), "checkpoints": {},
-                "log": args.log, "work": worker_seconds(Path(args.results)) if args.results else {}})
+                "log": args.log,
+                "work": worker_seconds(Path(args.results)) if args.results else {}})
     if args.profile_step:
         profile_step(args.weights, args.top)
     results = [cold_start(rev, args.keep, args.warm_uv, args.run_all_args) for rev in args.rev]

@@ -56,7 +56,8 @@ def test_work_sums_runs_and_sweeps_and_skips_what_is_not_a_record(demo_time, tmp
     (runs / "notes.txt").write_text("not a record")
     (tmp_path / "demo" / "stray.json").write_text('{"wall_seconds": 9, "config": {}}')
     assert demo_time.worker_seconds(tmp_path) == {"runs": (3, 8.0), "sweep runs": (1, 1.0)}
-    assert demo_time.worker_seconds(tmp_path / "absent") == {"runs": (0, 0.0), "sweep runs": (0, 0.0)}
+    empty = {"runs": (0, 0.0), "sweep runs": (0, 0.0)}
+    assert demo_time.worker_seconds(tmp_path / "absent") == empty
 
 
 def test_accounting_gives_the_floor_over_the_cores(demo_time):
