@@ -109,24 +109,29 @@ def cpu_seconds(stat: str | None = None) -> tuple[float, float] | None:
         user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
     except (OSError, StopIteration, ValueError):
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    hz = os.sysconf("SC_CLK_TCK")  # a /proc/stat means Linux, which has it
     return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
 
 
 def worker_seconds(results: Path) -> dict[str, tuple[int, float]]:
     """``{"runs": (count, seconds), "sweep runs": (count, seconds)}``: the records under
     ``results/*/runs/`` and their own ``wall_seconds`` (a sweep run holds out validation
-    data: ``config.val_fraction`` > 0). Files that are not such records are skipped."""
+    data: ``config.val_fraction`` > 0). Files that are not such records are skipped, and so
+    are seconds or fractions that are not finite numbers (the project's one number check,
+    :func:`fedtune_core.errors.is_number`: torch-free, so this runs before any venv)."""
+    if str(ROOT) not in sys.path:  # python3 from a bare clone: fedtune is not installed
+        sys.path.insert(0, str(ROOT))
+    from fedtune_core.errors import is_number
+
     out = {"runs": [0, 0.0], "sweep runs": [0, 0.0]}
     for path in sorted(Path(results).glob("*/runs/*.json")):
         try:
             record = json.loads(path.read_text())
-            seconds = float(record["wall_seconds"])
-            sweep = float(record["config"].get("val_fraction") or 0) > 0
+            seconds, fraction = record["wall_seconds"], record["config"].get("val_fraction", 0)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue
-        if seconds >= 0:
-            entry = out["sweep runs" if sweep else "runs"]
+        if is_number(seconds) and seconds >= 0 and (fraction is None or is_number(fraction)):
+            entry = out["sweep runs" if fraction else "runs"]
             entry[0] += 1
             entry[1] += seconds
     return {k: (n, s) for k, (n, s) in out.items()}

@@ -53,6 +53,10 @@ def test_work_sums_runs_and_sweeps_and_skips_what_is_not_a_record(demo_time, tmp
     (runs / "torn.json").write_text('{"wall_seconds": 1.')
     (runs / "list.json").write_text("[1, 2]")
     (runs / "no-config.json").write_text('{"wall_seconds": 9}')
+    _record(runs, "as-text", "2.5")  # a number written as text is not a number
+    _record(runs, "bool", True)
+    (runs / "infinite.json").write_text('{"wall_seconds": Infinity, "config": {}}')
+    _record(runs, "odd-fraction", 2.0, val_fraction="0.2")
     (runs / "notes.txt").write_text("not a record")
     (tmp_path / "demo" / "stray.json").write_text('{"wall_seconds": 9, "config": {}}')
     assert demo_time.worker_seconds(tmp_path) == {"runs": (3, 8.0), "sweep runs": (1, 1.0)}
