@@ -21,7 +21,8 @@ machine's busy and idle CPU-seconds while it ran, and the work done inside the w
 the runs' and the sweep runs' own seconds (their records' ``wall_seconds``) and the
 checkpoints'. That work over the cores is the floor of the grid's wall time at this work
 per run: when the grid is close to it, only less work per run (or less work) makes the study
-faster, not better scheduling. ``--log LOG --results DIR`` prints the same for a kept run.
+faster, not better scheduling. ``--log LOG --results DIR`` prints a kept run's phases and
+its runs' work (no CPU-seconds, which only a cold start measures, and no checkpoints).
 
 ``--profile-step`` times one demo run here (clip-tiny, bias, the demo's FedAvg settings,
 the strong checkpoint, built into ``$FEDTUNE_CACHE_DIR`` if missing; ``--weights none``
